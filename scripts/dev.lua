@@ -46,7 +46,7 @@ if sim_url == "--apikey" then
   local apikey = require "paygate.apikey"
   local sql = require "paygate.sql"
   local db = assert(sql.open("sqlite:" .. dir .. "/gateway.db"))
-  k = assert(apikey.create(db, "dev"))
+  k = assert(apikey.create(db, "dev", { actor = "scripts/dev" }))
   db:close()
   write(path, json.encode(k), true)
   print(k.app_id .. " " .. k.key_id .. " " .. k.secret)

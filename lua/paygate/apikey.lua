@@ -27,11 +27,19 @@
 -- logged with app_id and key_id, never with the signature or a key. A
 -- bad_signature's answer also carries string_to_sign (the message the
 -- server signed over; absent for a body past 8 KiB) and body_sha256.
+--
+-- Each key made or revoked is an entry of the audit trail (paygate.audit,
+-- subject "apikey:<app_id>", what apikey.created / apikey.revoked, ref the
+-- key id, the caller's actor) in the same transaction as the change: never
+-- the secret nor the signing key. A key's last use (a request it signed
+-- that was accepted) is written at most once a minute per key and worker
+-- (paygate_api_key_uses), not per request: apikey.list shows it.
 
 local core = require "paygate.core"
 local crypto = require "paygate.crypto"
 local json = require "paygate.json"
 local sql = require "paygate.sql"
+local audit = require "paygate.audit"
 
 local type, error, pairs, tostring, tonumber, setmetatable, getmetatable =
       type, error, pairs, tostring, tonumber, setmetatable, getmetatable
@@ -43,13 +51,16 @@ local KDF_LABEL = "paygate-apikey-v1"
 local WINDOW = 300              -- s a timestamp may be off, either way
 local CACHE_TTL = 5             -- s a looked-up key is trusted per worker
 local STS_BODY_MAX = 8192      -- bytes of body a 401's string_to_sign holds
+local USE_EVERY = 60            -- s between writes of a key's last use,
+                                -- per key and worker
 
 _M.SCHEME = SCHEME
 _M.WINDOW = WINDOW
 
 local REASONS = { "missing_signature", "malformed_signature", "unknown_app",
                   "revoked_key", "stale_timestamp", "bad_signature" }
-local counts = { ok = 0 }
+-- ok: requests accepted; uses_recorded: writes of a key's last use
+local counts = { ok = 0, uses_recorded = 0 }
 for _, r in ipairs(REASONS) do
   counts[r] = 0
 end
@@ -75,11 +86,42 @@ end
 local SCHEMA = [[CREATE TABLE IF NOT EXISTS paygate_api_keys (
   key_id TEXT PRIMARY KEY, app_id TEXT NOT NULL, verifier TEXT NOT NULL,
   created_at DOUBLE PRECISION NOT NULL, revoked_at DOUBLE PRECISION)]]
+-- a key's last use, apart from the keys: its writes (an upsert a minute
+-- per key and worker) never touch a key's row, and a store made by an
+-- older paygate gets it without altering paygate_api_keys
+local USES = [[CREATE TABLE IF NOT EXISTS paygate_api_key_uses (
+  key_id TEXT PRIMARY KEY, last_used_at DOUBLE PRECISION NOT NULL)]]
 
 local function ensure_schema(db)
   return db:ensure_schema("paygate_apikeys", function(tx)
-    return tx:exec(SCHEMA)
+    local ok, err = tx:exec(SCHEMA)
+    if not ok then
+      return nil, err
+    end
+    return tx:exec(USES)
   end)
+end
+
+-- The audit trail's subject of an app's keys.
+local function subject(app_id)
+  return "apikey:" .. app_id
+end
+
+-- opts of create and revoke: nil or { actor = string }; returns the actor
+local function actor_of(fname, opts)
+  if opts == nil then
+    return nil
+  end
+  if type(opts) ~= "table" then
+    error(fname .. ": opts must be a table", 3)
+  end
+  local a = opts.actor
+  if a ~= nil and (type(a) ~= "string" or a == "" or #a > 200
+                   or a:find("[%c]")) then
+    error(fname .. ": opts.actor must be 1..200 characters, no control"
+          .. " characters", 3)
+  end
+  return a
 end
 
 ----------------------------------------------------------- the signature
@@ -229,25 +271,42 @@ local function new_id(prefix, n)
   return prefix .. crypto.random_nonce(n)
 end
 
--- syntax: k, err = apikey.create(db, app_id)
+-- syntax: k, err = apikey.create(db, app_id[, opts])
 -- Makes a new key for app_id. The secret is in the result and nowhere
 -- else: show it once to the merchant; the store keeps its derived key.
+-- The audit trail gets an entry apikey.created under "apikey:<app_id>"
+-- (ref and evidence the key id; actor opts.actor: who made it) in the
+-- same transaction.
+-- opts: actor (who asks: "cli:alice", "admin:token", ...)
 -- returns: { app_id, key_id, secret }, or nil, err
--- yields: one statement
-function _M.create(db, app_id)
+-- yields: one transaction
+function _M.create(db, app_id, opts)
   check_db("apikey.create", db)
   check_id("apikey.create", "app_id", app_id)
+  local actor = actor_of("apikey.create", opts)
   local ok, err = ensure_schema(db)
+  if ok then
+    ok, err = audit.ensure_schema(db)
+  end
   if not ok then
     return nil, err
   end
   local key_id = new_id("ak_", 20)
   local secret = new_id("sk_", 40)         -- about 238 random bits
-  local res, ierr = db:exec("INSERT INTO paygate_api_keys (key_id, app_id,"
-    .. " verifier, created_at) VALUES ($1, $2, $3, $4)",
-    { key_id, app_id, crypto.hex(_M.signing_key(secret)), core.time() })
+  local verifier = crypto.hex(_M.signing_key(secret))
+  local res, terr = db:transaction(function(tx)
+    local r, ierr = tx:exec("INSERT INTO paygate_api_keys (key_id, app_id,"
+      .. " verifier, created_at) VALUES ($1, $2, $3, $4)",
+      { key_id, app_id, verifier, core.time() })
+    if not r then
+      return nil, ierr
+    end
+    return audit.append(tx, subject(app_id), { what = "apikey.created",
+      ref = key_id, actor = actor,
+      evidence = { app_id = app_id, key_id = key_id } })
+  end)
   if not res then
-    return nil, ierr
+    return nil, terr
   end
   return { app_id = app_id, key_id = key_id, secret = secret }
 end
@@ -259,45 +318,92 @@ local cache = setmetatable({}, { __mode = "k" })   -- db -> key_id -> row
 local misses = setmetatable({}, { __mode = "k" })
 local MISSES_MAX = 4096
 
--- syntax: ok, err = apikey.revoke(db, key_id)
+-- syntax: ok, err = apikey.revoke(db, key_id[, opts])
+-- The audit trail gets an entry apikey.revoked under "apikey:<app_id>"
+-- (ref and evidence the key id; actor opts.actor) in the same
+-- transaction; a key not active (unknown, revoked already) writes none.
+-- opts: actor (who asks)
 -- returns: true when a key was revoked, false when none was active
 -- (this worker forgets it at once; others within their cache_ttl)
--- yields: one statement
-function _M.revoke(db, key_id)
+-- yields: one transaction
+function _M.revoke(db, key_id, opts)
   check_db("apikey.revoke", db)
   check_id("apikey.revoke", "key_id", key_id)
+  local actor = actor_of("apikey.revoke", opts)
   local ok, err = ensure_schema(db)
+  if ok then
+    ok, err = audit.ensure_schema(db)
+  end
   if not ok then
     return nil, err
   end
-  local res, uerr = db:exec("UPDATE paygate_api_keys SET revoked_at = $2"
-    .. " WHERE key_id = $1 AND revoked_at IS NULL", { key_id, core.time() })
-  if not res then
-    return nil, uerr
+  local done, terr = db:transaction(function(tx)
+    local rows, qerr = tx:query("SELECT app_id FROM paygate_api_keys"
+      .. " WHERE key_id = $1 AND revoked_at IS NULL", { key_id })
+    if not rows then
+      return nil, qerr
+    end
+    if not rows[1] then
+      return false
+    end
+    local app_id = rows[1].app_id
+    local res, uerr = tx:exec("UPDATE paygate_api_keys SET revoked_at = $2"
+      .. " WHERE key_id = $1 AND revoked_at IS NULL",
+      { key_id, core.time() })
+    if not res then
+      return nil, uerr
+    end
+    if res.changes ~= 1 then
+      return false
+    end
+    local e, aerr = audit.append(tx, subject(app_id), {
+      what = "apikey.revoked", ref = key_id, actor = actor,
+      evidence = { app_id = app_id, key_id = key_id } })
+    if not e then
+      return nil, aerr
+    end
+    return true
+  end)
+  if done == nil then
+    return nil, terr
   end
   if cache[db] then
     cache[db][key_id] = nil
   end
-  return res.changes == 1
+  return done
 end
 
 -- syntax: rows, err = apikey.list(db[, app_id])
--- returns: { { key_id, app_id, created_at, revoked_at }, ... } (no
--- verifiers)
+-- returns: { { key_id, app_id, created_at, revoked_at, last_used_at },
+-- ... } (no verifiers). last_used_at (epoch s): the last request the key
+-- signed that was accepted, up to a minute early (written at most once
+-- a minute per key and worker); nil when none was since paygate kept it.
 function _M.list(db, app_id)
   check_db("apikey.list", db)
   local ok, err = ensure_schema(db)
   if not ok then
     return nil, err
   end
-  local q = "SELECT key_id, app_id, created_at, revoked_at FROM"
-            .. " paygate_api_keys"
+  local q = "SELECT k.key_id, k.app_id, k.created_at, k.revoked_at,"
+            .. " u.last_used_at FROM paygate_api_keys k LEFT JOIN"
+            .. " paygate_api_key_uses u ON u.key_id = k.key_id"
   local params
   if app_id ~= nil then
     check_id("apikey.list", "app_id", app_id)
-    q, params = q .. " WHERE app_id = $1", { app_id }
+    q, params = q .. " WHERE k.app_id = $1", { app_id }
   end
-  return db:query(q .. " ORDER BY created_at, key_id", params)
+  local rows, qerr = db:query(q .. " ORDER BY k.created_at, k.key_id",
+                              params)
+  if not rows then
+    return nil, qerr
+  end
+  for _, r in ipairs(rows) do
+    -- (a LEFT JOIN's missing side: nil, as revoked_at's NULL is)
+    if r.last_used_at == core.null then
+      r.last_used_at = nil
+    end
+  end
+  return rows
 end
 
 local function lookup(db, key_id, cache_ttl, now)
@@ -384,6 +490,43 @@ local function refuse(reason, message, fields)
   return nil, core.error(reason, message, fields)
 end
 
+-- A key's last use, written by its own task (the request does not wait
+-- for it) at most once per USE_EVERY s per key in this worker: the time
+-- kept is the first accepted request of that minute, so up to USE_EVERY
+-- s before the real last use. A write that fails is logged and tried
+-- again at the next use after USE_EVERY.
+local used = setmetatable({}, { __mode = "k" })  -- db -> key_id -> mono
+
+local function write_use(db, key_id, at)
+  local res, err = db:exec("INSERT INTO paygate_api_key_uses (key_id,"
+    .. " last_used_at) VALUES ($1, $2) ON CONFLICT (key_id) DO UPDATE SET"
+    .. " last_used_at = excluded.last_used_at WHERE"
+    .. " paygate_api_key_uses.last_used_at < excluded.last_used_at",
+    { key_id, at })
+  if not res then
+    local ok, paygate = pcall(require, "paygate")
+    if ok and paygate.log then
+      paygate.log.warn("apikey: cannot record a key's last use",
+                       { key_id = key_id, error = tostring(err) })
+    end
+  end
+end
+
+local function note_use(db, key_id, at, mono)
+  local u = used[db]
+  if not u then
+    u = {}
+    used[db] = u
+  end
+  local last = u[key_id]
+  if last and mono >= last and mono - last < USE_EVERY then
+    return
+  end
+  u[key_id] = mono
+  counts.uses_recorded = counts.uses_recorded + 1
+  core.spawn(write_use, db, key_id, at)
+end
+
 -- syntax: app_id, err = apikey.verify(db, r[, opts])
 -- r: { method, path (with query), body, authorization (the header),
 --      idempotency_key (the Idempotency-Key header, if any) }
@@ -394,7 +537,8 @@ end
 --       keeps a revoked key cached nor an unknown id refused)
 -- returns: the app id, or nil, err with err.kind the 401 reason (or a
 --          store kind: unavailable, timeout, ...)
--- yields: one query when the key is not cached
+-- yields: one query when the key is not cached (an accepted request's
+-- last-use write, once a minute per key, runs in a task of its own)
 function _M.verify(db, r, opts)
   check_db("apikey.verify", db)
   if type(r) ~= "table" or type(r.method) ~= "string"
@@ -423,8 +567,8 @@ function _M.verify(db, r, opts)
       ts < now and "behind" or "ahead of", math.floor(now), window),
       { app_id = f.app_id, key_id = f.key_id })
   end
-  local k, err = lookup(db, f.key_id, opts.cache_ttl or CACHE_TTL,
-                        (opts.mono or core.mono)())
+  local mono = (opts.mono or core.mono)()
+  local k, err = lookup(db, f.key_id, opts.cache_ttl or CACHE_TTL, mono)
   if k == nil then
     return nil, err
   end
@@ -464,6 +608,7 @@ function _M.verify(db, r, opts)
                     body_sha256 = crypto.hex(crypto.digest("sha256", body)) })
   end
   counts.ok = counts.ok + 1
+  note_use(db, f.key_id, now, mono)
   return f.app_id
 end
 
@@ -555,7 +700,8 @@ function _M.before_hook(db, opts)
 end
 
 -- syntax: t = apikey.stats([scope])
--- returns: this worker's counters (ok and each refusal reason), a copy;
+-- returns: this worker's counters (ok, each refusal reason, and
+-- uses_recorded: the writes of a key's last use), a copy;
 -- with scope "all", the refusals of every worker since the server
 -- started (kept in the "paygate" shared dictionary)
 function _M.stats(scope)

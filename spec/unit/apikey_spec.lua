@@ -69,6 +69,118 @@ describe("apikey.create", function()
   end)
 end)
 
+describe("apikey.create and apikey.revoke: the audit trail", function()
+  local audit = require "paygate.audit"
+
+  it("raises on bad opts", function()
+    local db = fresh_db()
+    assert.error_matches(function() apikey.create(db, "a", "x") end,
+                         "apikey.create: opts must be a table")
+    assert.error_matches(function()
+      apikey.revoke(db, "ak_x", { actor = "a\nb" })
+    end, "apikey.revoke: opts.actor must be 1..200 characters")
+    db:close()
+  end)
+
+  it("records each key made and revoked, with its actor, never a secret;"
+     .. " the chain verifies", function()
+    local db = fresh_db()
+    local k1 = assert(apikey.create(db, "shop1", { actor = "cli:alice" }))
+    local k2 = assert(apikey.create(db, "shop1"))
+    assert.is_true(apikey.revoke(db, k1.key_id, { actor = "cli:bob" }))
+    -- nothing active to revoke: no entry
+    assert.is_false(apikey.revoke(db, k1.key_id, { actor = "cli:bob" }))
+    assert.is_false(apikey.revoke(db, "ak_unknown"))
+    local es = assert(audit.entries(db, "apikey:shop1"))
+    assert.equal(3, #es)
+    assert.same({ "apikey.created", k1.key_id, "cli:alice" },
+                { es[1].what, es[1].ref, es[1].actor })
+    assert.same({ "apikey.created", k2.key_id },
+                { es[2].what, es[2].ref })
+    assert.is_nil(es[2].actor)
+    assert.same({ "apikey.revoked", k1.key_id, "cli:bob" },
+                { es[3].what, es[3].ref, es[3].actor })
+    assert.same({ app_id = "shop1", key_id = k1.key_id },
+                json.decode(es[3].evidence))
+    local rows = assert(db:query("SELECT * FROM paygate_audit"))
+    local all = json.encode(rows)
+    for _, k in ipairs({ k1, k2 }) do
+      assert.is_nil(all:find(k.secret:sub(4), 1, true))
+      assert.is_nil(all:find(crypto.hex(apikey.signing_key(k.secret)), 1,
+                             true))
+    end
+    assert.is_true((audit.verify(db, "apikey:shop1")))
+    db:close()
+  end)
+
+  it("makes no key when its entry cannot be written", function()
+    local db = fresh_db()
+    assert(apikey.create(db, "shop1"))
+    -- the trail's table gone (a store that refuses the write): the key's
+    -- insert rolls back with it
+    assert(db:exec("DROP TABLE paygate_audit"))
+    local k, err = apikey.create(db, "shop1")
+    assert.is_nil(k)
+    assert.truthy(err)
+    assert.equal(1, #assert(apikey.list(db, "shop1")))
+    db:close()
+  end)
+end)
+
+describe("apikey: a key's last use", function()
+  it("is written once a minute per key and worker, not per request, and"
+     .. " listed", function()
+    local db = fresh_db()
+    local k = assert(apikey.create(db, "shop1"))
+    local idle = assert(apikey.create(db, "shop1"))
+    local function use(t, mono)
+      local app = apikey.verify(db, { method = "GET", path = "/v1/x",
+        authorization = apikey.sign{ app_id = "shop1", key_id = k.key_id,
+          secret = k.secret, method = "GET", path = "/v1/x",
+          timestamp = t }.Authorization },
+        { now = clock(t), mono = clock(mono) })
+      assert.equal("shop1", app)
+    end
+    local function last_used(key_id, want)
+      local deadline = core.mono() + 10
+      while true do
+        for _, r in ipairs(assert(apikey.list(db, "shop1"))) do
+          if r.key_id == key_id and r.last_used_at == want then
+            return r
+          end
+        end
+        assert(core.mono() < deadline, "last_used_at never became "
+               .. tostring(want))
+        core.sleep(0.01)
+      end
+    end
+    local before = apikey.stats().uses_recorded
+    use(T, 1000)
+    last_used(k.key_id, T)
+    -- within the minute: no write
+    use(T + 10, 1010)
+    use(T + 59, 1059)
+    assert.equal(before + 1, apikey.stats().uses_recorded)
+    -- a minute on: one more
+    use(T + 61, 1061)
+    assert.equal(before + 2, apikey.stats().uses_recorded)
+    last_used(k.key_id, T + 61)
+    -- a refused request is no use
+    local _, err = apikey.verify(db, { method = "GET", path = "/v1/x",
+      authorization = apikey.sign{ app_id = "shop1", key_id = idle.key_id,
+        secret = "sk_wrong", method = "GET", path = "/v1/x",
+        timestamp = T }.Authorization }, { now = clock(T),
+        mono = clock(2000) })
+    assert.equal("bad_signature", err.kind)
+    assert.equal(before + 2, apikey.stats().uses_recorded)
+    local rows = assert(apikey.list(db, "shop1"))
+    for _, r in ipairs(rows) do
+      if r.key_id == idle.key_id then assert.is_nil(r.last_used_at) end
+    end
+    db:close()
+  end)
+end)
+
 describe("apikey.parse", function()
   it("classifies headers", function()
     assert.same({ nil, "missing_signature" }, { apikey.parse(nil) })
@@ -714,8 +826,31 @@ describe("paygate apikey (command)", function()
     assert.equal(0, code)
     assert.matches(k.key_id, out, 1, true)
     assert.is_nil(out:find(k.secret, 1, true))
+    -- its last use, once written (the hook above was a use at T)
+    local used = os.date("!last used %Y-%m-%dT%H:%M:%SZ", T)
+    servers.wait_for(function()
+      code, out = run_cmd({ "list", "--db", url })
+      return out:find(used, 1, true)
+    end, 10, used)
+    code, out = run_cmd({ "list", "--db", url, "--json" })
+    assert.equal(T, json.decode(out).last_used_at)
     code = run_cmd({ "revoke", "--db", url, "--key", k.key_id })
     assert.equal(0, code)
+    -- both changes in the audit trail, by the user who ran the command,
+    -- and the trail verifies
+    local audit = require "paygate.audit"
+    local es = assert(audit.entries(db, "apikey:shop9"))
+    assert.same({ "apikey.created", "apikey.revoked" },
+                { es[1].what, es[2].what })
+    assert.same({ k.key_id, k.key_id }, { es[1].ref, es[2].ref })
+    assert.matches("^cli", es[1].actor)
+    assert.equal(es[1].actor, es[2].actor)
+    n = n + 1
+    local vout = tmp .. "/cmd" .. n .. ".out"
+    local p = proc.spawn({ PAYGATE_BIN, "audit", "verify", url, "--subject",
+                           "apikey:shop9" }, { log = vout })
+    assert.equal(0, p:wait(30), proc.read(vout))
+    assert.matches("1 chains, 2 entries, 0 broken", proc.read(vout), 1, true)
     code = run_cmd({ "revoke", "--db", url, "--key", k.key_id })
     assert.equal(1, code)
     code, out = run_cmd({ "create", "--db", url })

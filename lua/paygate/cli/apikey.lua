@@ -17,12 +17,20 @@ docs/idempotency.md, "Authentication"). URL is the gateway's store
 create  makes a key for APP_ID and prints app_id, key_id and the secret.
         The secret is shown this once: the store keeps only the signing
         key derived from it, so a lost secret means a new key.
-list    prints the keys (never a secret or a signing key); a database with
-        no paygate_api_keys table is said to hold none (exit 1), and
-        nothing is made in it (list and revoke).
+list    prints the keys (never a secret or a signing key), each with when
+        it was made, revoked and last used (the last request it signed
+        that was accepted, up to a minute early; "never used" when none
+        was); a database with no paygate_api_keys table is said to hold
+        none (exit 1), and nothing is made in it (list and revoke).
 revoke  disables KEY_ID at once in this process, and in running workers
         within their cache time (5 s): requests signed with it are then
         refused 401 revoked_key.
+
+create and revoke each write an entry in the store's audit trail
+(subject apikey:APP_ID, apikey.created or apikey.revoked, the key id,
+actor cli:LOGIN: the user running the command, $SUDO_USER under sudo),
+in the same transaction as the change: `paygate audit verify URL
+--subject apikey:APP_ID` checks them. Never the secret.
 
 exit: 0 done, 1 store failure or nothing to revoke, 2 usage error.
 ]]
@@ -41,6 +49,18 @@ local function open(o)
     return nil
   end
   return db
+end
+
+-- Who runs the command, for the audit trail: the user sudo was run by,
+-- else the login name; "cli" when the environment names none.
+local function actor()
+  for _, name in ipairs({ "SUDO_USER", "USER", "LOGNAME" }) do
+    local v = os.getenv(name)
+    if v and v ~= "" and #v <= 64 and v:match("^[%w_%.%-@]+$") then
+      return "cli:" .. v
+    end
+  end
+  return "cli"
 end
 
 local function valid_id(s)
@@ -76,7 +96,7 @@ local function main(args)
   if not db then return 1 end
   local code = 0
   if cmd == "create" then
-    local k, err = apikey.create(db, o["--app"])
+    local k, err = apikey.create(db, o["--app"], { actor = actor() })
     if not k then
       io.stderr:write("paygate apikey: ", tostring(err), "\n")
       code = 1
@@ -104,15 +124,17 @@ local function main(args)
         if o["--json"] then
           io.stdout:write(json.encode(r), "\n")
         else
-          io.stdout:write(("%s  %s  created %s%s\n"):format(r.key_id,
+          io.stdout:write(("%s  %s  created %s%s  %s\n"):format(r.key_id,
             r.app_id, os.date("!%Y-%m-%dT%H:%M:%SZ", r.created_at),
             r.revoked_at and os.date("!  revoked %Y-%m-%dT%H:%M:%SZ",
-                                     r.revoked_at) or ""))
+                                     r.revoked_at) or "",
+            r.last_used_at and os.date("!last used %Y-%m-%dT%H:%M:%SZ",
+                                       r.last_used_at) or "never used"))
         end
       end
     end
   else
-    local ok, err = apikey.revoke(db, o["--key"])
+    local ok, err = apikey.revoke(db, o["--key"], { actor = actor() })
     if ok == nil then
       io.stderr:write("paygate apikey: ", tostring(err), "\n")
       code = 1
