@@ -379,3 +379,8 @@ for _, name in ipairs({ "gw.reconcile" }) do
     error(mod, 0)
   end
 end
+
+-- what a reload changed of the merchants (added, removed, a serial, the
+-- public key id, the appids): one line each, once per generation. Last,
+-- so that a load refused by anything above says none of it.
+boot.say_merchant_changes(cfg, wx)

@@ -228,4 +228,111 @@ function _M.say_unconfigured(found)
   end
 end
 
+----------------------------------------------- what a reload changed
+
+-- The merchants as a reload can change them, for the lines below: per
+-- mchid, the serial requests are signed under, the WeChat Pay public key
+-- id (public-key and migration mode), the verification mode and the
+-- appids. No secret: a serial and a key id are sent in every request.
+--- syntax: t = boot.merchant_summary(cfg, wx)
+function _M.merchant_summary(cfg, wx)
+  local t = {}
+  for _, m in ipairs(cfg.merchants) do
+    local c = wx[m.mchid] and wx[m.mchid].conf or {}
+    local appids = {}
+    for a in pairs(m.appids or {}) do appids[#appids + 1] = a end
+    table.sort(appids)
+    t[m.mchid] = { merchant_serial = c.merchant_serial,
+                   public_key_id = c.public_key_id, mode = c.mode,
+                   appids = table.concat(appids, ",") }
+  end
+  return t
+end
+
+-- what each line names, in this order
+local WATCHED = { "merchant_serial", "public_key_id", "mode", "appids" }
+
+local function sorted_keys(t)
+  local ks = {}
+  for k in pairs(t) do ks[#ks + 1] = k end
+  table.sort(ks)
+  return ks
+end
+
+--- syntax: lines = boot.merchant_changes(before, now)
+-- before, now: merchant_summary()s. returns: { { msg, fields }, ... },
+-- one per merchant added or removed and one per watched value changed,
+-- by mchid; empty when nothing changed.
+function _M.merchant_changes(before, now)
+  local out = {}
+  local ids, seen = {}, {}
+  for _, t in ipairs({ before, now }) do
+    for mchid in pairs(t) do
+      if not seen[mchid] then ids[#ids + 1], seen[mchid] = mchid, true end
+    end
+  end
+  table.sort(ids)
+  for _, mchid in ipairs(ids) do
+    local a, b = before[mchid], now[mchid]
+    if not a then
+      out[#out + 1] = { "gateway: reload: merchant " .. mchid .. " added"
+        .. " (merchant_serial " .. tostring(b.merchant_serial) .. ")",
+        { mchid = mchid, merchant_serial = b.merchant_serial,
+          public_key_id = b.public_key_id, mode = b.mode,
+          appids = b.appids } }
+    elseif not b then
+      out[#out + 1] = { "gateway: reload: merchant " .. mchid .. " removed",
+                        { mchid = mchid } }
+    else
+      for _, k in ipairs(WATCHED) do
+        if a[k] ~= b[k] then
+          local from = a[k] == nil and "none" or tostring(a[k])
+          local to = b[k] == nil and "none" or tostring(b[k])
+          out[#out + 1] = { "gateway: reload: merchant " .. mchid .. ": "
+            .. k .. " " .. from .. " -> " .. to,
+            { mchid = mchid, change = k, from = a[k], to = b[k] } }
+        end
+      end
+    end
+  end
+  return out
+end
+
+--- syntax: boot.say_merchant_changes(cfg, wx)
+-- What a reload changed of the merchants, said once per generation (the
+-- first of its workers to load says it), one info line per change, or
+-- one saying that none changed; nothing at the server's start. Compared
+-- with what the generation before (as it loaded) had, kept in the shared
+-- dictionary, which outlives a reload. A worker restarted within a
+-- generation says nothing again.
+local SUMMARY_KEY = "gw:merchants_loaded"
+function _M.say_merchant_changes(cfg, wx)
+  local gen = paygate.runtime.generation
+  if paygate.runtime.mode ~= "worker" or not gen then
+    return
+  end
+  local json = require "paygate.json"
+  local d = shared.get_dict("paygate")
+  local now = _M.merchant_summary(cfg, wx)
+  local kept = d:get(SUMMARY_KEY)
+  local old = kept and json.decode(kept)
+  if old and old.gen >= gen
+     or not d:add("gw:merchant_changes:" .. tostring(gen), 1, 60) then
+    return
+  end
+  d:set(SUMMARY_KEY, json.encode({ gen = gen, merchants = now }))
+  if not old then
+    return                      -- the server's start: nothing before it
+  end
+  local lines = _M.merchant_changes(old.merchants, now)
+  for _, l in ipairs(lines) do
+    paygate.log.info(l[1], l[2])
+  end
+  if #lines == 0 then
+    local ids = sorted_keys(now)
+    paygate.log.info("gateway: reload: no merchant changed (" .. #ids
+      .. ": " .. table.concat(ids, ", ") .. ")", { merchants = #ids })
+  end
+end
+
 return _M
