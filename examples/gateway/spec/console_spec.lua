@@ -604,12 +604,12 @@ end
     end)
 
     -- a paid payment of 3.00 with a refund of 1.20, and the refund
-    local function refunded(order)
+    local function refunded(order, reference)
       local p = gw:create{ order_id = order, amount = 300 }
       sim:pay_and_wait(p.out_trade_no)
       gw:wait_state(p.id, "paid")
       local rf = gw:call("POST", "/v1/payments/" .. p.id .. "/refunds",
-                         { amount = 120 })
+                         { amount = 120, reference = reference })
       assert.equal(201, rf.status, rf.body)
       return p, rf.json
     end
@@ -665,11 +665,14 @@ end
       assert.not_matches(r.out_refund_no, box, 1, true)
     end)
 
-    it("find a payment by its order_id or a refund's out_refund_no",
-       function()
+    it("find a payment by its order_id, a refund's out_refund_no or a"
+       .. " refund's reference", function()
+      -- (the reference: customer service has the return's number, not
+      -- the payment's; was: not searched)
       local order = "ord-search-" .. os.time()
-      local p, r = refunded(order)
-      for _, term in ipairs({ order, r.out_refund_no }) do
+      local ref = "RMA-search-" .. os.time()
+      local p, r = refunded(order, ref)
+      for _, term in ipairs({ order, r.out_refund_no, ref }) do
         local found = get(gw, "/console/payments?q=" .. term)
         assert.equal(200, found.status)
         local ids = {}

@@ -618,13 +618,15 @@ function _M.payments(q, view)
     .. " description, created_at FROM gw_payments"
   if term ~= "" then
     -- an exact id, out_trade_no (any attempt), transaction_id, order_id
-    -- (any app's: several may use the same) or a refund's out_refund_no.
+    -- (any app's: several may use the same), a refund's out_refund_no or
+    -- the merchant's reference of a refund (migration 014's index).
     -- order_id has no index of its own (only (app_id, order_id)): its
     -- subquery reads the table once, apart, so the other terms keep theirs
     rows, err = db:query(COLS .. " WHERE id = $1 OR transaction_id = $1"
       .. " OR id IN (SELECT payment_id FROM gw_attempts WHERE out_trade_no"
       .. " = $1 OR transaction_id = $1) OR id IN (SELECT payment_id FROM"
-      .. " gw_refunds WHERE out_refund_no = $1) OR id IN (SELECT id FROM"
+      .. " gw_refunds WHERE out_refund_no = $1) OR id IN (SELECT payment_id"
+      .. " FROM gw_refunds WHERE reference = $1) OR id IN (SELECT id FROM"
       .. " gw_payments WHERE order_id = $1) ORDER BY created_at DESC LIMIT "
       .. PAGE, { term })
   else
