@@ -15,6 +15,8 @@ paygate.route("GET", "/abort/:code", function(req)
 end)
 paygate.route("GET", "/abort-quoted", function()
   paygate.abort(422, 'bad"kind\\', 'say "hi"\n\tthen \1 leave \255')
+end)paygate.route("GET", "/own-rid", function()
+  return 200, "x", { ["X-Request-Id"] = "theirs-0001" }
 end)
 ]]
 
@@ -126,6 +128,39 @@ describe("status lines", function()
       -- a byte that is not UTF-8 becomes U+FFFD
       assert.equal('say "hi"\n\tthen \1 leave \239\191\189', body.message)
       assert.equal("quoted-0001", body.request_id)
+    end)
+  end)
+
+  -- was: only the server's JSON error answers named the request id (in
+  -- their body); a handler's answer carried none
+  describe("the X-Request-Id header", function()
+    local function rids(out)
+      local head, t = out:match("^(.-\r\n)\r\n"), {}
+      for v in head:gmatch("\n[Xx]%-[Rr]equest%-[Ii]d: ([^\r]*)\r\n") do
+        t[#t + 1] = v
+      end
+      return t
+    end
+
+    it("is on a handler's answer, once: the request's id, not the"
+       .. " handler's", function()
+      local out = get("/own-rid", "X-Request-Id: mine-000001\r\n")
+      assert.equal("HTTP/1.1 200 OK\r\n", status_line(out))
+      assert.same({ "mine-000001" }, rids(out))
+      local made = rids(get("/status/201"))
+      assert.equal(1, #made)
+      assert.matches("^%x+$", made[1])
+    end)
+
+    it("is on the server's JSON error answer, the id its body names",
+       function()
+      local out = get("/abort/418")
+      local body = json.decode(out:match("\r\n\r\n(.*)$"))
+      assert.same({ body.request_id }, rids(out))
+    end)
+
+    it("is not on a refusal before any handler (no request id)", function()
+      assert.same({}, rids(raw("GARBAGE\r\n\r\n")))
     end)
   end)
 

@@ -300,6 +300,10 @@ req_done(struct gw_co *co, int nres)
                 lua_pop(L, 1);
                 continue;
             }
+            if (kl == 12 && strncasecmp(k, "x-request-id", 12) == 0) {
+                lua_pop(L, 1);
+                continue;           /* ours: the id of the log lines */
+            }
             if (kl == 12 && strncasecmp(k, "content-type", 12) == 0) {
                 own_ctype = 1;      /* the handler's wins */
             }

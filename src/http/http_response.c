@@ -192,8 +192,8 @@ gw_resp_write(struct gw_conn *c, int status, const char *ctype,
         || c->requests + 1 >= gw_srv.conf.keepalive_requests) {
         c->close_after = 1;
     }
-    if (out_reserve(c, 200 + date_n + ctype_len + extra_len + body_len)
-        != GW_OK) {
+    if (out_reserve(c, 200 + date_n + ctype_len + 16 + sizeof(c->request_id)
+                    + extra_len + body_len) != GW_OK) {
         return GW_ERR;
     }
     if (sl != NULL) {
@@ -218,6 +218,13 @@ gw_resp_write(struct gw_conn *c, int status, const char *ctype,
         out_add(c, "Connection: close\r\n", 19);
     } else if (c->head.minor == 0) {
         out_add(c, "Connection: keep-alive\r\n", 24);
+    }
+    /* the id of the request's log lines, on every answer to a request
+     * (one refused before its handler has none: conn_bad clears it) */
+    if (c->request_id[0] != '\0') {
+        out_add(c, "X-Request-Id: ", 14);
+        out_add(c, c->request_id, strlen(c->request_id));
+        out_add(c, "\r\n", 2);
     }
     if (extra != NULL) {
         out_add(c, extra, extra_len);

@@ -109,3 +109,93 @@ describe("gateway log lines", function()
     assert.is_nil(text:find("PRIVATE KEY", 1, true))
   end)
 end)
+
+-- was: only the server's own error answers (a 500, a 504) named the
+-- request id, in their body; an answer of the gateway's -- a create's
+-- 201, a notification's 204, a 401 -- carried none, so a client (or
+-- WeChat's support) could not quote the id that finds its log lines.
+describe("gateway request ids", function()
+  local S = require "examples.gateway.spec.support"
+  local env
+
+  setup(function() env = S.start() end)
+  teardown(S.stop)
+
+  local function access_line(rid)
+    return testing.wait_until(function()
+      for line in env.gw:logs():gmatch("[^\n]+") do
+        local rec = json.decode(line)
+        if rec and rec.msg == "access" and rec.request_id == rid then
+          return rec
+        end
+      end
+    end, 10, "the access line of request " .. rid)
+  end
+
+  -- (a field sent twice would come joined, "a, b": never hex alone)
+  local function rid_of(res)
+    return res.headers["x-request-id"]
+  end
+
+  it("every answer of the merchant API carries X-Request-Id, its log"
+     .. " lines' request_id", function()
+    local res = env:api("POST", "/v1/payments", { order_id = S.order_id(),
+      channel = "native", amount = 100, description = "rid" })
+    assert.equal(201, res.status, res.body)
+    local rid = rid_of(res)
+    assert.is_string(rid, "X-Request-Id on a 201")
+    assert.matches("^%x+$", rid)
+    local line = access_line(rid)
+    assert.equal("POST", line.method)
+    assert.equal("/v1/payments", line.path)
+    assert.equal(201, line.status)
+    -- a refusal of the gateway's own (no signature)
+    local refused = env:api("GET", "/v1/payments/" .. res.json.payment.id,
+                            nil, { sign = false })
+    assert.equal(401, refused.status, refused.body)
+    assert.equal(401, access_line(assert(rid_of(refused))).status)
+    -- the client's id, when it is safe (8..39 of letters, digits, - _ .)
+    local mine = "client-rid-0001"
+    local got = env:api("GET", "/v1/payments/" .. res.json.payment.id, nil,
+                        { headers = { ["X-Request-Id"] = mine } })
+    assert.equal(200, got.status, got.body)
+    assert.equal(mine, rid_of(got))
+    assert.equal(200, access_line(mine).status)
+  end)
+
+  it("takes no unsafe X-Request-Id from the client: makes its own",
+     function()
+    for _, bad in ipairs{ "short", ("x"):rep(40), "has space 123",
+                          "semi;colon-123", "quote\"d-12345" } do
+      local res = env:api("GET", "/v1/payments/pay_none", nil,
+                          { headers = { ["X-Request-Id"] = bad } })
+      assert.equal(404, res.status, res.body)
+      local rid = rid_of(res)
+      assert.is_string(rid, bad)
+      assert.not_equal(bad, rid)
+      assert.matches("^%x+$", rid)
+    end
+  end)
+
+  it("the notification route's answers carry it, applied or refused",
+     function()
+    local p = env:create{}.payment
+    local res = env:post_paid(p)
+    assert.equal(204, res.status, res.body)
+    local rid = assert(rid_of(res), "X-Request-Id on the 204")
+    assert.equal("/wechatpay/notify/" .. env.m.mchid, access_line(rid).path)
+    -- the notification applied, logged under the same id
+    testing.wait_until(function()
+      for line in env.gw:logs():gmatch("[^\n]+") do
+        local rec = json.decode(line)
+        if rec and rec.msg == "gateway: notification applied"
+           and rec.request_id == rid then
+          return true
+        end
+      end
+    end, 10, "the notification applied under request " .. rid)
+    local bad = env:post_notify("{}", { ["Content-Type"] = "application/json" })
+    assert.is_true(bad.status >= 400, bad.body)
+    assert.is_string(rid_of(bad), "X-Request-Id on a refusal")
+  end)
+end)
