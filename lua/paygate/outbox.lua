@@ -61,6 +61,7 @@ local DEFAULTS = {
   keep_days = 7,            -- delivered rows are deleted after this
   prune_batch = 500,        -- rows per DELETE
   prune_interval = 300,     -- s between prune passes
+  backlog_interval = 15,    -- s between reads of the backlog gauges
 }
 -- the dispatcher's options and their defaults (read-only: an app's config
 -- check names the keys it accepts)
@@ -1637,6 +1638,81 @@ local function deliver_row(self, row, p, l)
   return true
 end
 
+-- The backlog in one statement, each part over a partial index: the
+-- pending rows (paygate_outbox_pending, counted from the index alone),
+-- the oldest of them (its first entry: ids grow with created_at, and a
+-- replayed event keeps its id and its created_at) and the dead ones
+-- (paygate_outbox_dead).
+local BACKLOG = "SELECT (SELECT COUNT(*) FROM paygate_outbox WHERE state ="
+  .. " 'pending') AS pending, (SELECT created_at FROM paygate_outbox"
+  .. " WHERE state = 'pending' ORDER BY id LIMIT 1) AS oldest_at,"
+  .. " (SELECT COUNT(*) FROM paygate_outbox WHERE state = 'dead') AS dead"
+
+-- syntax: b, err = outbox.backlog(db)
+-- returns: { pending = events not delivered yet (due, or waiting for a
+--          retry), oldest_at = the created_at of the oldest of them (nil:
+--          none), dead = dead letters not replayed }
+-- yields: one query
+function _M.backlog(db)
+  check_db("outbox.backlog", db)
+  local rows, err = db:query(BACKLOG)
+  if not rows then
+    return nil, err
+  end
+  local r = rows[1] or {}
+  return { pending = tonumber(r.pending) or 0,
+           oldest_at = tonumber(r.oldest_at), dead = tonumber(r.dead) or 0 }
+end
+
+-- paygate_outbox_pending_events{outbox}, ..._oldest_pending_age_seconds
+-- and paygate_outbox_dead_events: the table's backlog, read by every
+-- dispatcher each backlog_interval. The table is one for all the workers
+-- (and instances) of a store, so each reads the same numbers: a gauge
+-- with no pid label, shown once with the value of the worker that set
+-- it last (never summed over the workers, which would count each event
+-- once per worker).
+local backlog_gauges
+local function backlog_metrics()
+  if backlog_gauges == nil then
+    local ok, m = pcall(require, "paygate.metrics")
+    backlog_gauges = ok and type(m) == "table" and {
+      pending = m.gauge("paygate_outbox_pending_events", "Outbox events"
+        .. " not delivered yet (due, or waiting for a retry), per outbox."),
+      age = m.gauge("paygate_outbox_oldest_pending_age_seconds", "Seconds"
+        .. " since the oldest undelivered outbox event was enqueued (0:"
+        .. " none), per outbox."),
+      dead = m.gauge("paygate_outbox_dead_events", "Outbox events"
+        .. " dead-lettered and not replayed, per outbox."),
+    } or false
+  end
+  return backlog_gauges or nil
+end
+
+-- Reads the backlog and sets the gauges (a read that fails leaves them
+-- as they were: the store's failure is paygate_store_errors_total's to
+-- say). stop: removes them (d:stop()). pcall: a metric must never
+-- stop deliveries.
+local function publish_backlog(self, stop)
+  local g = backlog_metrics()
+  if not g then
+    return
+  end
+  local labels = { outbox = self.name }
+  if stop then
+    for _, gauge in pairs(g) do
+      pcall(gauge.remove, gauge, labels)
+    end
+    return
+  end
+  local b = _M.backlog(self.db)
+  if b then
+    local age = b.oldest_at and max(0, self.now() - b.oldest_at) or 0
+    pcall(g.pending.set, g.pending, b.pending, labels)
+    pcall(g.age.set, g.age, age, labels)
+    pcall(g.dead.set, g.dead, b.dead, labels)
+  end
+end
+
 -- syntax: n = d:step()
 -- One round: leases, then the due heads of every held shard, delivered
 -- with at most `concurrency` in flight; prunes when due. Returns the
@@ -1853,6 +1929,19 @@ function Dispatcher:start()
   end
   self.stopping = false
   init_outcomes(self)
+  -- the backlog gauges, once the first round made the table, then every
+  -- backlog_interval (apart from the rounds: a round waiting on a slow
+  -- sink must not stop them, they matter most then)
+  self.backlog_task = core.spawn(function()
+    while not self.stopping do
+      local ready_now = self.stats.rounds > 0
+      if ready_now then
+        publish_backlog(self)
+      end
+      core.sleep(ready_now and self.backlog_interval
+                 or min(self.interval, self.backlog_interval))
+    end
+  end)
   self.task = core.spawn(function()
     local failing = 0       -- rounds in a row in which the store failed
     while not self.stopping do
@@ -1894,6 +1983,10 @@ function Dispatcher:stop()
     pcall(self.task.cancel, self.task)
     self.task = nil
   end
+  if self.backlog_task then
+    pcall(self.backlog_task.cancel, self.backlog_task)
+    self.backlog_task = nil
+  end
   for _, t in ipairs(self.workers or {}) do
     pcall(t.cancel, t)
   end
@@ -1915,6 +2008,7 @@ function Dispatcher:stop()
     log_warn("outbox: releasing the leases", { error = tostring(err) })
   end
   publish_shards(self, nil)
+  publish_backlog(self, true)
 end
 
 ------------------------------------------------- prune, replay, list

@@ -32,6 +32,64 @@ _M.now = core.now                     -- wall clock, seconds (cached)
 
 local DEFAULT_RETRIES = 5
 
+-- paygate_store_errors_total{engine, kind}: every statement, begin,
+-- commit or connect the store failed, summed over the workers, by the
+-- kinds that say the store did not serve it (down, unreachable, a disk
+-- full or read-only, a lock held past the wait, no answer in time, a
+-- commit whose outcome is unknown, a host that does not resolve, a login
+-- refused, any other failure of the server's): not the caller's own
+-- (constraint, syntax, misuse, serialization, too_large, closed). One
+-- signal that the store fails, whatever failed on it: an outbox round, a
+-- notification, a merchant call. Each engine's kinds have their series
+-- from its first sql.open, at 0 (an increase() alert sees the first).
+local STORE_FAILED = { "unavailable", "timeout", "unknown_outcome", "busy",
+                       "dns", "config", "error" }
+local store_failed = {}
+for _, kind in ipairs(STORE_FAILED) do store_failed[kind] = true end
+
+local errors_counter         -- the counter; false: no paygate.metrics
+local errors_init = {}       -- engine -> true once its series are made
+local function errors_metric(engine)
+  if errors_counter == nil then
+    local ok, m = pcall(require, "paygate.metrics")
+    local cok, c
+    if ok and type(m) == "table" and m.counter then
+      cok, c = pcall(m.counter, "paygate_store_errors_total",
+        "Store operations the store failed (down, unreachable, a full"
+        .. " disk, no answer in time), by engine and error kind.",
+        { "engine", "kind" }, { max_series = 16 })
+    end
+    errors_counter = cok and c or false
+  end
+  local c = errors_counter
+  if c and not errors_init[engine] then
+    errors_init[engine] = true
+    for _, kind in ipairs(STORE_FAILED) do
+      pcall(c.inc, c, { engine = engine, kind = kind }, 0)
+    end
+  end
+  return c or nil
+end
+
+-- Counts err when its kind says the store failed. (pcall: a metric must
+-- never turn a store's answer into a raise.)
+local function note(engine, err)
+  if type(err) == "table" and store_failed[err.kind] then
+    local c = errors_metric(engine)
+    if c then
+      pcall(c.inc, c, { engine = engine, kind = err.kind })
+    end
+  end
+end
+
+-- The two values of a store call, err counted (note) when it failed.
+local function noted(engine, res, err)
+  if not res then
+    note(engine, err)
+  end
+  return res, err
+end
+
 local DB = {}
 local co_running = coroutine.running
 -- what check_db refuses inside the store's own transaction (writes)
@@ -334,12 +392,17 @@ function _M.open(url, opts)
   opts = copy(opts)
   local scheme, rest = url:match("^(%a[%w+.-]*):(.*)$")
   -- not tail calls: their misuse errors count levels up to our caller
-  local db, err
+  local db, err, engine
   if scheme == "sqlite" or scheme == "sqlite3" then
+    engine = "sqlite"
     db, err = open_sqlite(rest, opts)
-    return db, err
   elseif scheme == "postgres" or scheme == "postgresql" then
+    engine = "postgres"
     db, err = open_pg(url, opts)
+  end
+  if engine then
+    errors_metric(engine)              -- its series, at 0
+    note(engine, err)
     return db, err
   end
   -- (the URL as a message may show it: a typo'd postgress://user:PW@
@@ -365,7 +428,7 @@ function DB:query(sql, params)
   if perr then
     return nil, perr
   end
-  return self.h:query(sql, params)
+  return noted(self.engine, self.h:query(sql, params))
 end
 
 -- syntax: res, err = db:exec(sql [, params])
@@ -378,7 +441,7 @@ function DB:exec(sql, params)
   if perr then
     return nil, perr
   end
-  return self.h:exec(sql, params)
+  return noted(self.engine, self.h:exec(sql, params))
 end
 
 -- syntax: ok, err = db:exec_script(sql)
@@ -387,7 +450,7 @@ end
 function DB:exec_script(sql)
   check_db("db:exec_script", self)
   check_stmt("db:exec_script", sql)
-  return self.h:script(sql)
+  return noted(self.engine, self.h:script(sql))
 end
 
 -- syntax: ... , err = db:transaction(fn [, { retries = n,
@@ -427,7 +490,7 @@ function DB:transaction(fn, opts)
   local err
   for attempt = 1, attempts do
     local txid
-    txid, err = self.h:begin(wait)
+    txid, err = noted(self.engine, self.h:begin(wait))
     if txid then
       local tx = setmetatable({ h = self.h, id = txid, db = self,
                                 engine = self.engine }, TX)
@@ -477,7 +540,7 @@ function DB:transaction(fn, opts)
         self.h:rollback(txid)
         err = res[3]
       else
-        local ok, cerr = self.h:commit(txid)
+        local ok, cerr = noted(self.engine, self.h:commit(txid))
         if ok then
           tx.committed = true          -- (for what was written through it)
           if tx.on_commit_fns then run_on_commit(tx.on_commit_fns) end
@@ -626,12 +689,14 @@ local function atomic_pg(self, list, names)
       return nil, atomic_error(list, names, res, ei)
     elseif not txid then             -- nothing began
       err = res
+      note(self.engine, err)
     else
       for i = 1, #list do
         local r = res[i]
         if r == nil then
           -- ei: the first failed (before it, every one has a result)
           index, serr = ei, e
+          note(self.engine, serr)
           break
         end
         local want = list[i].expect
@@ -641,7 +706,7 @@ local function atomic_pg(self, list, names)
         end
       end
       if not index then
-        local ok, cerr = self.h:commit(txid)
+        local ok, cerr = noted(self.engine, self.h:commit(txid))
         if ok then
           return res
         end
@@ -700,6 +765,7 @@ function DB:atomic(stmts)
     if res then
       return res
     end
+    note(self.engine, serr)
     -- another process held the file past busy_timeout: nothing of the
     -- job ran (its savepoint was rolled back), so it may run again
     if not (index == 0 and is_retryable_tx(serr)) then
@@ -849,7 +915,7 @@ function TX:query(sql, params)
   if perr then
     return nil, perr
   end
-  return self.h:tx_query(self.id, sql, params)
+  return noted(self.engine, self.h:tx_query(self.id, sql, params))
 end
 
 function TX:exec(sql, params)
@@ -859,7 +925,7 @@ function TX:exec(sql, params)
   if perr then
     return nil, perr
   end
-  return self.h:tx_exec(self.id, sql, params)
+  return noted(self.engine, self.h:tx_exec(self.id, sql, params))
 end
 
 function TX:exec_script(sql)
@@ -869,7 +935,7 @@ function TX:exec_script(sql)
   if cerr then
     return nil, cerr
   end
-  return self.h:tx_script(self.id, sql)
+  return noted(self.engine, self.h:tx_script(self.id, sql))
 end
 
 function TX:has_table(name)

@@ -477,6 +477,39 @@ for engine, open in pairs(stores) do
       db:close()
     end)
 
+    -- what the backlog gauges of /metrics are set from (the monitoring
+    -- trial: a receiver down piled events up, and nothing said so)
+    it("backlog: the events pending, the oldest one's created_at, the dead"
+       .. " ones", function()
+      local db = open()
+      assert(outbox.setup(db))
+      assert.same({ pending = 0, dead = 0 }, assert(outbox.backlog(db)))
+      local a = enqueue(db, "pay_a", "t")
+      local b = enqueue(db, "pay_b", "t")
+      enqueue(db, "pay_a", "t2")                 -- behind pay_a's head
+      local got = assert(outbox.backlog(db))
+      assert.equal(3, got.pending)
+      assert.equal(0, got.dead)
+      assert.equal(row(db, a).created_at, got.oldest_at)
+      -- a's head refused for good, b's retried later: one dead, two left
+      local rec = recorder()
+      rec.fail[a], rec.fail[b] = "fatal", 1
+      local d = outbox.dispatcher(db, { sinks = { rec.sink },
+                                        now = new_clock().now })
+      assert.equal(2, d:step())
+      got = assert(outbox.backlog(db))
+      assert.equal(2, got.pending)              -- b (retrying), a's next
+      assert.equal(1, got.dead)
+      assert.equal(row(db, b).created_at, got.oldest_at)
+      -- replayed: pending again, the oldest, with its own created_at
+      assert.equal(1, assert(outbox.replay(db, a)))
+      got = assert(outbox.backlog(db))
+      assert.same({ 3, 0, row(db, a).created_at },
+                  { got.pending, got.dead, got.oldest_at })
+      d:stop()
+      db:close()
+    end)
+
     it("a table an older paygate made gains prior_attempts in place: its"
        .. " events are enqueued, delivered and replayed", function()
       local db = open()

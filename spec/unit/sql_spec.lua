@@ -1383,6 +1383,42 @@ describe("paygate.sql on sqlite (engine specifics)", function()
     db:close()
   end)
 
+  -- the monitoring trial: the store failing (PostgreSQL down, a SQLite
+  -- disk full) showed on no metric; the notification route answered FAIL
+  it("counts the store's failures on paygate_store_errors_total by engine"
+     .. " and kind, once each, not the caller's own", function()
+    local c = require("paygate.metrics").counter(
+      "paygate_store_errors_total", "", { "engine", "kind" })
+    local function n(kind) return c:get({ engine = "sqlite", kind = kind }) end
+    local file = tmp .. "/counted.db"
+    local db = assert(sql.open("sqlite:" .. file))
+    local before = {}
+    for _, kind in ipairs({ "unavailable", "error", "busy", "constraint",
+                            "syntax" }) do
+      before[kind] = n(kind)
+    end
+    assert(db:exec("CREATE TABLE k (v INTEGER PRIMARY KEY)"))
+    assert(db:exec("INSERT INTO k VALUES (1)"))
+    -- the caller's own: not the store failing
+    local _, cerr = db:exec("INSERT INTO k VALUES (1)")
+    assert.equal("constraint", cerr.kind)
+    local _, serr = db:query("SELECT v FROM nowhere")
+    assert.equal("syntax", serr.kind)
+    for kind, was in pairs(before) do assert.equal(was, n(kind), kind) end
+    -- the store failing: each failed operation counted once (a statement
+    -- of a transaction where it failed, not again by the transaction)
+    assert(os.remove(file))
+    assert.is_nil(db:exec("INSERT INTO k VALUES (2)"))
+    assert.equal(before.unavailable + 1, n("unavailable"))
+    local ok, terr = db:transaction(function(tx)
+      return tx:exec("INSERT INTO k VALUES (3)")
+    end)
+    assert.is_nil(ok)
+    assert.equal("unavailable", terr.kind)
+    assert.equal(before.unavailable + 2, n("unavailable"))
+    db:close()
+  end)
+
   it("refuses writes once its file was deleted or replaced (unavailable,"
      .. " naming the file): none is acknowledged that a reopen would not"
      .. " find", function()

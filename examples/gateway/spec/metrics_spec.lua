@@ -47,6 +47,7 @@ describe("gateway metrics", function()
         .. mchid .. '",kind="payment"}',
       'paygate_gateway_unknown_notifications_total{kind="payment"}',
       'paygate_gateway_unknown_notifications_total{kind="refund"}',
+      'paygate_store_errors_total{engine="sqlite",kind="unavailable"}',
     }
     -- (the dispatcher publishes its outcomes once its task starts)
     local text = testing.wait_until(function()
@@ -310,5 +311,121 @@ describe("gateway metrics: a breaker past its cool-down", function()
     assert.equal("closed", breaker().breaker)
     testing.wait_until(function() return gauge(series) == 0 end, 10,
                        series .. " = 0 once the probe was answered")
+  end)
+end)
+
+-- The monitoring trial: with the webhook receiver down, events piled up
+-- (pending, retrying) and nothing on /metrics said how many or how old
+-- the oldest was, nor how many dead letters waited for a replay (the
+-- outcome counter says how many died since the start, not how many are
+-- left); and with the store down the notification route answered FAIL
+-- while no metric said the store failed. On PostgreSQL, two workers: the
+-- backlog gauges are the table's, shown once (not once per worker, not
+-- summed); the store's errors a counter summed over the workers.
+describe("gateway metrics of the outbox backlog and the store", function()
+  local servers = require "spec.support.servers"
+  if not servers.have_postgres() then
+    pending("PostgreSQL is not installed")
+    return
+  end
+  local sim, gw, pg, rcv
+
+  setup(function()
+    pg = servers.postgres()
+    sim = testing.simulator{ time_scale = 100 }
+    rcv = gwcore.receiver()
+    gw = gwcore.start(sim, { workers = 2, db = function() return pg.url end,
+      gateway = { reconcile = { enabled = false },
+        webhooks = { { url = rcv:url("/hook"),
+                       secret_file = rcv.secret_file } },
+        dispatcher = { interval = 0.05, backlog_interval = 0.2,
+                       backoff_base = 0.2, backoff_cap = 0.5 } } })
+  end)
+
+  teardown(function()
+    if gw then gw:stop() end
+    testing.stop_all()
+    servers.stop_all()
+  end)
+
+  local function metrics()
+    local res = gw.srv:admin_get("/metrics")
+    return res and res.status == 200 and res.body or ""
+  end
+
+  local function value(text, series)
+    return tonumber(text:match("\n" .. series:gsub("%p", "%%%0")
+                               .. " (%S+)\n"))
+  end
+
+  local PENDING = 'paygate_outbox_pending_events{outbox="gateway"}'
+  local AGE = 'paygate_outbox_oldest_pending_age_seconds{outbox="gateway"}'
+  local DEAD = 'paygate_outbox_dead_events{outbox="gateway"}'
+
+  local function mode(status)
+    local res = rcv:request{ method = "POST", path = "/mode",
+                             body = tostring(status) }
+    assert.equal(204, res.status)
+  end
+
+  it("shows the events not delivered, the oldest one's age and the dead"
+     .. " letters left, once each", function()
+    local pending = function() return value(metrics(), PENDING) end
+    testing.wait_until(function() return pending() == 0 end, 15,
+                       PENDING .. " = 0 at the start")
+    mode(500)                              -- the receiver fails: retried
+    local p = gw:create{}                  -- payment.paying, not delivered
+    local text = testing.wait_until(function()
+      local t = metrics()
+      return (value(t, PENDING) or 0) >= 1 and (value(t, AGE) or 0) > 0
+             and t
+    end, 15, "the event pending on /metrics, with an age")
+    assert.equal(0, value(text, DEAD))
+    -- shown once, whichever worker read it last (the table's count, not
+    -- each worker's: never summed)
+    for _, series in ipairs({ PENDING, AGE, DEAD }) do
+      local _, n = text:gsub("\n" .. series:gsub("%p", "%%%0") .. " ", "")
+      assert.equal(1, n, series)
+    end
+    assert.matches("# TYPE paygate_outbox_pending_events gauge", text, 1,
+                   true)
+    -- the receiver refuses it (400): a dead letter, nothing pending
+    mode(400)
+    testing.wait_until(function()
+      local t = metrics()
+      return value(t, DEAD) == 1 and value(t, PENDING) == 0
+             and value(t, AGE) == 0
+    end, 15, DEAD .. " = 1, nothing pending")
+    local rows = assert(gw.db:query("SELECT state FROM paygate_outbox"
+      .. " WHERE subject = $1", { p.id }))
+    assert.equal("dead", rows[1].state)
+    -- replayed and delivered: no dead letter left
+    mode(204)
+    assert(require("paygate.outbox").replay(gw.db, { subject = p.id }))
+    testing.wait_until(function()
+      local t = metrics()
+      return value(t, DEAD) == 0 and value(t, PENDING) == 0
+    end, 15, "the replayed event delivered, no dead letter left")
+  end)
+
+  it("counts the store's failures by kind while PostgreSQL is down",
+     function()
+    local series = 'paygate_store_errors_total{engine="postgres",kind='
+                   .. '"unavailable"}'
+    -- there from the start, at 0 or more (an increase() alert sees the
+    -- first)
+    local before = value(metrics(), series)
+    assert.is_number(before, series)
+    pg.stop()
+    -- the dispatcher's rounds fail (no request needed), each counted
+    local ok, err = pcall(testing.wait_until, function()
+      return (value(metrics(), series) or 0) > before
+    end, 30, series .. " counting")
+    pg.start()
+    assert(ok, err)
+    -- the store back: the gateway serves again
+    testing.wait_until(function()
+      return gw:call("GET", "/v1/payments/pay_none").status == 404
+    end, 30, "the merchant API served again")
   end)
 end)
