@@ -1502,34 +1502,87 @@ local function deliver_logged(sink, event)
   end, event)
 end
 
+-- This file's folder (".../lua/paygate/"): frames under it are the
+-- library's, not the app's.
+local LIB_DIR = debug.getinfo(1, "S").source:match("^@(.*/)") or ""
+
+-- Where a suspended coroutine waits, as the app wrote it: the innermost
+-- frame that is Lua and not paygate's own (a hook waiting in
+-- paygate.http.request is at its own line, not inside http.lua), else the
+-- innermost Lua frame; nil when it has none.
+local function waiting_at(co)
+  local first
+  for level = 0, 100 do
+    local info = debug.getinfo(co, level, "Sl")
+    if not info then break end
+    if info.what ~= "C" and info.currentline and info.currentline > 0 then
+      local src = info.source:sub(1, 1) == "@" and info.source:sub(2)
+                  or info.short_src
+      local at = src .. ":" .. info.currentline
+      first = first or at
+      if LIB_DIR == "" or src:sub(1, #LIB_DIR) ~= LIB_DIR then
+        return at
+      end
+    end
+  end
+  return first
+end
+
 -- Runs sink.deliver(event) as pcall would (deliver_logged). With
 -- sink.timeout (a hook's), in a task of its own: still running after that
 -- many seconds, the task is cancelled where it waits (d:stop() cancels it
 -- too) and the attempt fails with kind timeout, so a hung hook costs one
--- attempt, not the round and the shard's lease.
+-- attempt, not the round and the shard's lease. Each such attempt is
+-- logged with where the hook waited (its traceback), and last_error names
+-- that line: the dead letter's "timeout" alone did not say which call
+-- hung. A deliver that returned without ever waiting, after more than its
+-- timeout, cannot have been cancelled: it held the worker's loop all that
+-- time, which is logged too (it succeeded or failed as it returned).
 local function call_sink(self, sink, event)
   -- (a hooks sink with no hook for this type: its deliver returns true
   -- at once, so it cannot time out and needs no task of its own)
   if not sink.timeout or (sink.hooked and not sink.hooked(event.type)) then
     return deliver_logged(sink, event)
   end
-  local res
+  local res, co
   local done = core.event()
+  local started = core.mono()
   local task = core.spawn(function()
+    co = coroutine.running()
     res = pack(deliver_logged(sink, event))
     done:set()
   end)
-  if not res then
-    self.sink_tasks[task] = true
-    done:wait(sink.timeout)
-    self.sink_tasks[task] = nil
+  if res then
+    local took = core.mono() - started
+    if took > sink.timeout then
+      log_at("warn", "outbox: sink " .. sink.name .. " ran "
+        .. ("%.1f"):format(took) .. " s without yielding, past its "
+        .. sink.timeout .. " s timeout: it blocked the worker all that"
+        .. " time (a busy loop, or a call that blocks instead of waiting)",
+        { id = event.id, type = event.type, subject = event.subject,
+          attempt = event.attempt, sink = sink.name,
+          seconds = floor(took * 1000 + 0.5) / 1000 })
+    end
+    return unpack(res, 1, res.n)
   end
+  self.sink_tasks[task] = true
+  done:wait(sink.timeout)
+  self.sink_tasks[task] = nil
   if res then
     return unpack(res, 1, res.n)
   end
+  local at, tb = co and waiting_at(co), co and debug.traceback(co)
+  co = nil
   pcall(task.cancel, task)
+  log_at("warn", "outbox: sink " .. sink.name .. " timed out (no answer"
+    .. " within " .. sink.timeout .. " s; cancelled where it waited"
+    .. (at and ", " .. at or "") .. "; retried with backoff)",
+    { id = event.id, type = event.type, subject = event.subject,
+      attempt = event.attempt, sink = sink.name, waiting_at = at,
+      error = tb })
   return true, nil, core.error("timeout", "no answer within "
-                               .. sink.timeout .. " s (cancelled)",
+                               .. sink.timeout .. " s (cancelled"
+                               .. (at and " at " .. at or "") .. ")",
                                { retryable = true })
 end
 

@@ -1127,6 +1127,92 @@ for engine, open in pairs(stores) do
       db:close()
     end)
 
+    -- A hook cancelled at its timeout said only "timeout: no answer
+    -- within 1 s (cancelled)" (in last_error, and at the dead letter):
+    -- nothing told which call of the hook hung. Each such attempt is now
+    -- logged with the hook's traceback where it waited, and last_error
+    -- names that line.
+    it("a hook cancelled at its timeout is logged with where it waited,"
+       .. " and last_error names that line", function()
+      local db = open()
+      local line
+      local hooks = outbox.hooks({
+        ["payment.paid"] = function()
+          line = debug.getinfo(1, "l").currentline + 1
+          paygate.event():wait()         -- never set: hangs here
+        end,
+      }, { timeout = 0.2 })
+      local d = outbox.dispatcher(db, { sinks = { hooks }, interval = 0.02,
+                                        random = function() return 0 end,
+                                        backoff_base = 0.01 })
+      local lines = {}
+      local warn = paygate.log.warn
+      paygate.log.warn = function(msg, fields)
+        if tostring(msg):find("^outbox: sink hooks timed out") then
+          lines[#lines + 1] = { msg = msg, fields = fields }
+        end
+        return warn(msg, fields)
+      end
+      local id = enqueue(db, "pay_hang_at", "payment.paid")
+      local ok, err = pcall(function()
+        d:start()
+        wait_until(function() return row(db, id).attempts >= 1 end, 10,
+                   "the hung hook's first attempt to fail")
+      end)
+      d:stop()
+      paygate.log.warn = warn
+      assert(ok, tostring(err))
+      local at = "outbox_spec.lua:" .. line
+      local r = row(db, id)
+      assert.truthy(r.last_error:find("hooks: timeout: no answer within 0.2"
+        .. " s (cancelled at ", 1, true), r.last_error)
+      assert.truthy(r.last_error:find(at .. ")", 1, true), r.last_error)
+      assert.truthy(#lines >= 1)
+      local f = lines[1].fields
+      assert.truthy(lines[1].msg:find(at, 1, true), lines[1].msg)
+      assert.same({ id, "payment.paid", "pay_hang_at", 1, "hooks" },
+        { f.id, f.type, f.subject, f.attempt, f.sink })
+      assert.truthy(f.waiting_at:find(at .. "$"), f.waiting_at)
+      assert.truthy(f.error:find("stack traceback:", 1, true), f.error)
+      assert.truthy(f.error:find(at, 1, true), f.error)
+      db:close()
+    end)
+
+    it("a hook that runs past its timeout without yielding is logged: it"
+       .. " held the worker's loop (and cannot be cancelled)", function()
+      local db = open()
+      local hooks = outbox.hooks({
+        ["payment.paid"] = function()
+          local t = core.mono() + 0.4
+          while core.mono() < t do end   -- never yields
+          return true
+        end,
+      }, { timeout = 0.1 })
+      local d = outbox.dispatcher(db, { sinks = { hooks } })
+      local lines = {}
+      local warn = paygate.log.warn
+      paygate.log.warn = function(msg, fields)
+        if tostring(msg):find("^outbox: sink hooks ran") then
+          lines[#lines + 1] = { msg = msg, fields = fields }
+        end
+        return warn(msg, fields)
+      end
+      local id = enqueue(db, "pay_spin", "payment.paid")
+      local ok, err = pcall(d.step, d)
+      d:stop()
+      paygate.log.warn = warn
+      assert(ok, tostring(err))
+      assert.equal("delivered", row(db, id).state)   -- as it returned
+      assert.equal(1, #lines)
+      assert.truthy(lines[1].msg:find("without yielding, past its 0.1 s"
+        .. " timeout: it blocked the worker", 1, true), lines[1].msg)
+      assert.same({ id, "payment.paid", "pay_spin", "hooks" },
+        { lines[1].fields.id, lines[1].fields.type, lines[1].fields.subject,
+          lines[1].fields.sink })
+      assert.truthy(lines[1].fields.seconds >= 0.4)
+      db:close()
+    end)
+
     it("a round larger than one write job may hold is recorded in"
        .. " several", function()
       local db = open()
