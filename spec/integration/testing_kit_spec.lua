@@ -489,6 +489,45 @@ paygate.route("GET", "/", function() return 200, "ok" end)
   end)
 end)
 
+-- A spec reloading its app (a hook changed live) had no kit call for it:
+-- it had to know the kit's pid file (srv.dir .. "/paygate.pid", nowhere
+-- documented) and read the master's PID_FILE.reload itself, as the
+-- project's own specs did.
+describe("srv:reload", function()
+  it("loads the app's new code; code that does not load is refused with"
+     .. " its file:line, the old code serving on", function()
+    local v1 = [[
+local paygate = require "paygate"
+paygate.route("GET", "/", function() return 200, "v1" end)
+]]
+    local app = testing.start_app{ source = v1, workers = 2 }
+    finally(function() app:stop() end)
+    assert.equal("v1", app:request("/").body)
+    local old = app:workers()
+    testing.write(app.app .. "/app.lua", v1:gsub('"v1" end%)', '"v2" end'))
+    local ok, why = app:reload()
+    assert.is_nil(ok)
+    assert.matches("^paygate reload: refused: ", why)
+    assert.matches("/app.lua:3: ')' expected (to close '(' at line 2)", why, 1,
+                   true)
+    assert.equal("v1", app:request("/").body)       -- the old code serves
+    assert.same(old, app:workers())
+    testing.write(app.app .. "/app.lua", v1:gsub('"v1"', '"v2"'))
+    local done, out = app:reload()
+    assert.is_true(done)
+    assert.matches("^paygate reload: done, generation %d+$", out)
+    -- the old generation is gone: no answer of the spec comes from it
+    local now = app:workers()
+    assert.equal(2, #now)
+    for _, pid in ipairs(now) do
+      assert.is_false(pid == old[1] or pid == old[2])
+    end
+    assert.equal("v2", app:request("/").body)
+    assert.has_error(function() app:reload(0) end,
+                     "srv:reload: timeout must be seconds, more than 0")
+  end)
+end)
+
 describe("testing.tmpdir", function()
   it("a folder a spec forgot is removed when its busted run ends",
      function()

@@ -432,34 +432,18 @@ end
 -- syntax: S.reload_with(env, edit)
 -- The gateway's config file as first written, with the Lua statements
 -- edit applied to its table c ("c.merchants[1].appids = nil"; "" for the
--- file as written); then HUP, and waits until the reload is done and the
--- old workers are gone (a draining one still answers the kept-alive
--- connection of the spec).
+-- file as written); then srv:reload(), which waits until the reload is
+-- done and the old workers are gone (a draining one still answers the
+-- kept-alive connection of the spec).
 function S.reload_with(env, edit)
   local luassert = require "luassert"
   local srv = env.gw
-  local old = {}
-  for _, pid in ipairs(srv:workers()) do old[pid] = true end
   env.original_config = env.original_config
                         or testing.proc.read(srv.config_file)
   testing.write(srv.config_file, "local c = (function() "
     .. env.original_config .. " end)()\n" .. edit .. "\nreturn c\n")
-  local n0 = tonumber(testing.proc.read(srv.dir .. "/paygate.pid.reload")
-                      :match("^(%d+)")) or 0
-  srv:signal(testing.proc.SIGHUP)
-  local text
-  testing.wait_until(function()
-    text = testing.proc.read(srv.dir .. "/paygate.pid.reload")
-    return (tonumber(text:match("^(%d+) ")) or 0) > n0
-      and not text:match("^%d+ started")
-  end, 60, "the reload")
-  luassert.matches("^%d+ ok", text)
-  testing.wait_until(function()
-    for _, pid in ipairs(srv:workers()) do
-      if old[pid] then return false end
-    end
-    return true
-  end, 30, "the old workers to exit")
+  local ok, out = srv:reload()
+  luassert.is_true(ok, out)
 end
 
 function S.ok2xx(status) return status >= 200 and status < 300 end

@@ -135,14 +135,16 @@ local function spawn(o, dir, app)
   local admin = core.free_port()
   while admin == port do admin = core.free_port() end
   local s = setmetatable({ dir = dir, app = app, port = port, admin = admin,
+                           bin = o.bin or _M.bin(),
+                           pid_file = dir .. "/paygate.pid",
                            scheme = o.scheme or "http",
                            log = dir .. "/paygate.log",
                            ca_file = o.ca_file }, Server)
-  local argv = { o.bin or _M.bin(), "run", app,
+  local argv = { s.bin, "run", app,
                  "--listen", "127.0.0.1:" .. port,
                  "--admin", "127.0.0.1:" .. admin,
                  "--workers", tostring(o.workers or 1),
-                 "--pid-file", dir .. "/paygate.pid" }
+                 "--pid-file", s.pid_file }
   local config = o.config
   if type(config) == "function" then config = config(s) end
   if type(config) == "table" then
@@ -325,6 +327,45 @@ function Server:signal(sig) proc.kill_pid(self.pid, sig) end
 --- syntax: pids = srv:workers() -- the master's worker processes now
 -- (pids, ascending): to kill one and see the master replace it
 function Server:workers() return proc.children(self.pid) end
+
+--- syntax: ok, outcome = srv:reload([timeout])
+-- yields: `paygate reload --pid-file` on this server (the app's code and
+-- its config file read again, as an operator's reload does), up to
+-- timeout s (60) for the outcome; when the new code serves, also until
+-- the old generation's workers have exited, so that no request of the
+-- spec (a kept-alive connection) is answered by the old code after it.
+-- returns: true and the outcome line ("paygate reload: done, generation
+-- 2"), or nil and what `paygate reload` printed ("paygate reload:
+-- refused: ... gw/hooks.lua:7: unexpected symbol near 'local'"): the old
+-- code serves on. Raises when the old workers outlive the timeout.
+function Server:reload(timeout)
+  timeout = timeout or 60
+  if type(timeout) ~= "number" or not (timeout > 0) then
+    error("srv:reload: timeout must be seconds, more than 0", 2)
+  end
+  local deadline = core.mono() + timeout
+  local old = self:workers()
+  local code, out = proc.run({ self.bin, "reload", "--pid-file",
+                               self.pid_file, "--timeout", tostring(timeout) },
+                             { timeout = timeout + 10 })
+  out = (out or ""):gsub("%s+$", "")
+  if code ~= 0 then
+    return nil, out ~= "" and out
+                or "paygate reload: exit " .. tostring(code)
+  end
+  proc.wait_until(function()
+    local now = {}
+    for _, pid in ipairs(self:workers()) do now[pid] = true end
+    local left = {}
+    for _, pid in ipairs(old) do
+      if now[pid] then left[#left + 1] = pid end
+    end
+    return #left == 0, "old workers still running: "
+                       .. table.concat(left, ", ")
+  end, math.max(deadline - core.mono(), 1),
+  "the old workers to exit after the reload")
+  return true, out
+end
 
 --- syntax: pids = srv:kill_worker(pid[, timeout])
 -- yields: SIGKILL to worker pid, then waits (timeout, default 15 s) until
