@@ -930,10 +930,31 @@ local function bad_timeout(t)
   return t ~= nil and not core.is_seconds(t)
 end
 
+-- A hook's results as the dispatcher reads them. `return nil, err` whose
+-- err is nil (a misspelt or unset variable: `return nil, er`) is a
+-- failure with no error, not a success: it was read as done, and the
+-- event was lost without a word. Its error names the hook's function by
+-- where it is defined (its return cannot be located).
+local function hook_result(fn, event, ...)
+  local r, e = ...
+  if r == nil and e == nil and select("#", ...) >= 2 then
+    local info = debug.getinfo(fn, "S")
+    local src = info.source:sub(1, 1) == "@" and info.source:sub(2)
+                or info.short_src
+    return nil, core.error("no_error", "the hook for " .. event.type
+      .. " (" .. src .. ":" .. tostring(info.linedefined) .. ") returned"
+      .. " nil and a nil error: an error value that is nil (a misspelt or"
+      .. " unset variable in return nil, err?); retried",
+      { retryable = true })
+  end
+  return ...
+end
+
 -- syntax: sink = outbox.hooks(map [, opts])
 -- map: event type -> function(event) ("*" matches any type). A hook fails
--- by returning false or nil, err, or by raising; returning nothing counts
--- as done. Events with no hook are done at once.
+-- by returning false or nil, err (nil, nil too: a nil err), or by
+-- raising; returning nothing counts as done. Events with no hook are done
+-- at once.
 -- opts: name ("hooks"), timeout (s, 10): a hook still running then is
 -- cancelled where it waits, and the attempt fails (kind timeout, retried).
 --   outbox.hooks{ ["payment.paid"] = on_paid,
@@ -960,7 +981,7 @@ function _M.hooks(map, opts)
     if not fn then
       return true
     end
-    return fn(event)
+    return hook_result(fn, event, fn(event))
   end
   -- (for the dispatcher: a type without a hook is done at once, no task)
   local function hooked(etype)

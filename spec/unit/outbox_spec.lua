@@ -1127,6 +1127,39 @@ for engine, open in pairs(stores) do
       db:close()
     end)
 
+    -- `return nil, er` (err misspelt: a nil global) returned nil, nil,
+    -- which was read as success: the event was marked delivered, the
+    -- hook's work never done, and nothing said so.
+    it("a hook returning nil and a nil error fails its attempt (retried),"
+       .. " last_error naming the hook's file and line", function()
+      local db = open()
+      local line = debug.getinfo(1, "l").currentline + 2
+      local hooks = outbox.hooks{
+        ["payment.paid"] = function()
+          local err = "not stored"
+          return nil, er                 -- the typo: a nil global
+        end,
+        ["payment.closed"] = function() end,            -- nothing: done
+        ["payment.failed"] = function() return nil end, -- one nil: done
+      }
+      local d = outbox.dispatcher(db, { sinks = { hooks } })
+      local id = enqueue(db, "pay_nilnil", "payment.paid")
+      local closed = enqueue(db, "pay_closed", "payment.closed")
+      local failed = enqueue(db, "pay_failed", "payment.failed")
+      d:step()
+      d:stop()
+      local r = row(db, id)
+      assert.equal("pending", r.state)              -- retried, not lost
+      assert.equal(1, r.attempts)
+      assert.truthy(r.last_error:find("hooks: no_error: the hook for"
+        .. " payment.paid (", 1, true), r.last_error)
+      assert.truthy(r.last_error:find("outbox_spec.lua:" .. line
+        .. ") returned nil and a nil error", 1, true), r.last_error)
+      assert.equal("delivered", row(db, closed).state)
+      assert.equal("delivered", row(db, failed).state)
+      db:close()
+    end)
+
     -- A hook cancelled at its timeout said only "timeout: no answer
     -- within 1 s (cancelled)" (in last_error, and at the dead letter):
     -- nothing told which call of the hook hung. Each such attempt is now
