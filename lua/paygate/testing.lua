@@ -168,7 +168,8 @@ local APP_OPTIONS = { app = true, source = true, config = true,
 -- no app.lua raises, naming that directory.
 -- yields: until it serves with every worker (GET /healthz on its admin
 -- port).
--- returns: srv (srv:url(path), srv:request{...}, srv:logs(), srv:stop()).
+-- returns: srv (srv:url(path), srv:request{...}, srv:logs(), srv:reload(),
+-- srv:stop()).
 function _M.start_app(o)
   check_options("testing.start_app", o, APP_OPTIONS)
   -- server.start's errors name its caller: this line. Raised again here,
