@@ -132,9 +132,9 @@ end
 -- after the backup this store was restored from. Seen by o.source:
 -- "refresh" / "reconcile" (a query answered REFUND that no refund here
 -- explains), "notification" (a refund notification of an out_refund_no
--- unknown here, for one of its orders), "refund_call" (WeChat refused a refund as more than what is
--- left of the order) or "bill" (a day's bill has a refund line of an
--- out_refund_no unknown here). The payment is flagged
+-- unknown here, for one of its orders), "refund_call" (WeChat refused a
+-- refund as more than what is left of the order) or "bill" (a day's bill
+-- has a refund line of an out_refund_no unknown here). The payment is flagged
 -- (gw_payments.refunded_elsewhere_at), once: the first to flag it (the
 -- conditional UPDATE, one row changed) writes the audit entry (what
 -- payment.alarm, cause refunded_elsewhere), the alarm.refunded_elsewhere
