@@ -61,6 +61,9 @@ struct gw_conn {
                                        input limit with records left in
                                        OpenSSL, which no socket event
                                        will announce */
+    int                 in_starved; /* conn_read() could not grow the
+                                       input buffer: limits.body_memory
+                                       is held by other connections */
 
     char               *in;         /* owned input buffer; grown by
                                        copying (conn_read() rebases the
@@ -164,6 +167,9 @@ struct gw_http_srv {
                                            waiting (hello_queue) */
     struct gw_conn       *hello_tail;
     struct event         *hello_ev;     /* owned: runs the oldest */
+    size_t                in_big;       /* bytes of the input buffers
+                                           over IN_FREE, all connections
+                                           (limits.body_memory) */
 };
 
 extern struct gw_http_srv gw_srv;

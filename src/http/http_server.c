@@ -38,6 +38,9 @@
 #include "loop.h"
 
 #define IN_MIN  4096            /* bytes: first input buffer */
+#define IN_FREE (16 * 1024)     /* bytes: an input buffer up to this (a
+                                   head of the default header_bytes, a
+                                   small body) is outside body_memory */
 #define DRAIN_LINGER 1.0        /* s an idle keep-alive connection may
                                    still send one request once the worker
                                    drains (a new one keeps header_timeout) */
@@ -64,6 +67,7 @@ gw_server_conf_defaults(struct gw_server_conf *c)
 {
     c->max_header_bytes = 16 * 1024;
     c->max_body_bytes = 5 * 1024 * 1024;
+    c->max_body_memory = 64 * 1024 * 1024;
     c->max_connections = 10000;
     c->header_timeout = 10;
     c->body_timeout = 10;
@@ -319,6 +323,13 @@ conn_read_on(struct gw_conn *c, int on)
 
 /* ---- a connection's memory ------------------------------------------ */
 
+/* What an input buffer of cap bytes counts against limits.body_memory. */
+static size_t
+in_big(size_t cap)
+{
+    return cap > IN_FREE ? cap : 0;
+}
+
 /* A connection and its read and timer events are one block: from the
  * pool (conn_pool.c) while it has room, else from malloc. The write event
  * is malloc'ed when first needed: most connections never fill a socket
@@ -402,6 +413,7 @@ conn_free(struct gw_conn *c)
 static void
 conn_release(struct gw_conn *c)
 {
+    gw_srv.in_big -= in_big(c->in_cap);
     free(c->in);
     c->in = NULL;
     c->in_cap = c->in_len = c->req_start = c->scanned = 0;
@@ -543,6 +555,24 @@ conn_bad_limit(struct gw_conn *c, int status, const char *kind,
     conn_bad(c, status, kind, msg);
 }
 
+/* Whether c's request cannot go on: its input buffer is full and may not
+ * grow, other connections holding limits.body_memory (conn_read). */
+static int
+conn_starved(const struct gw_conn *c)
+{
+    return c->in_starved && c->in_len == c->in_cap;
+}
+
+/* 503 for a request conn_starved() stops; the connection closes
+ * lingering, so the answer reaches a client still sending. */
+static void
+conn_busy(struct gw_conn *c)
+{
+    conn_bad_limit(c, 503, "unavailable",
+                   "memory for request bodies being received",
+                   gw_srv.conf.max_body_memory, "body_memory");
+}
+
 /* A head too large: 414 when its request line alone does not fit. */
 static void
 conn_too_large(struct gw_conn *c, size_t avail)
@@ -666,6 +696,11 @@ gw_conn_process(struct gw_conn *c)
                     conn_too_large(c, avail);
                     continue;
                 }
+                if (conn_starved(c)) {
+                    conn_name_method(c, avail);
+                    conn_busy(c);
+                    continue;
+                }
                 break;
             }
             if (end > gw_srv.conf.max_header_bytes) {
@@ -713,6 +748,10 @@ gw_conn_process(struct gw_conn *c)
                     continue;
                 }
                 if (rc == 0) {
+                    if (conn_starved(c)) {
+                        conn_busy(c);
+                        continue;
+                    }
                     conn_timer_io(c, gw_srv.conf.body_timeout);
                     break;
                 }
@@ -721,6 +760,10 @@ gw_conn_process(struct gw_conn *c)
                 size_t need = c->head.content_length > 0
                               ? (size_t) c->head.content_length : 0;
                 if (have < need) {
+                    if (conn_starved(c)) {
+                        conn_busy(c);
+                        continue;
+                    }
                     conn_timer_io(c, gw_srv.conf.body_timeout);
                     break;
                 }
@@ -990,6 +1033,7 @@ conn_read(struct gw_conn *c)
     size_t got = 0;             /* bytes this call read */
 
     c->tls_held = 0;
+    c->in_starved = 0;
     c->unread = 0;              /* reading again: the event says the rest */
     if (c->ssl != NULL && !c->handshaken) {
         /* before any buffer: a handshake needs none of ours */
@@ -1017,6 +1061,22 @@ conn_read(struct gw_conn *c)
             if (cap > limit) {
                 cap = limit;
             }
+            /* Bodies being received share limits.body_memory: without
+             * it each connection could hold body_bytes (5 MiB) for as
+             * long as it sends a byte per body_timeout, and a few
+             * hundred such connections took the worker's memory. One
+             * big buffer is always allowed (others hold none), so a
+             * limit below one body serialises bodies, never refuses
+             * them all. conn_process answers 503. */
+            if (in_big(cap) > 0) {
+                size_t others = gw_srv.in_big - in_big(c->in_cap);
+
+                if (others > 0 && others + cap > gw_srv.conf.max_body_memory) {
+                    c->in_starved = 1;
+                    c->tls_held = c->ssl != NULL && SSL_has_pending(c->ssl);
+                    return 1;
+                }
+            }
             /* not realloc: the parsed head must move with its bytes */
             p = malloc(cap);
             if (p == NULL) {
@@ -1030,6 +1090,7 @@ conn_read(struct gw_conn *c)
                 head_rebase(&c->head, c->in, p);
             }
             free(c->in);
+            gw_srv.in_big += in_big(cap) - in_big(c->in_cap);
             c->in = p;
             c->in_cap = cap;
         }
@@ -1494,6 +1555,7 @@ conn_close(struct gw_conn *c)
         SSL_free(c->ssl);
     }
     close(c->fd);
+    gw_srv.in_big -= in_big(c->in_cap);
     free(c->in);
     free(c->out);
     free(c->hdrs);

@@ -16,6 +16,9 @@
 struct gw_server_conf {
     size_t max_header_bytes;    /* bytes of request line + headers */
     size_t max_body_bytes;      /* bytes of (decoded) body */
+    size_t max_body_memory;     /* bytes of input buffers over IN_FREE
+                                   (bodies being received) a worker holds
+                                   at once; past it 503 */
     int    max_connections;     /* open per worker; more wait in backlog */
     double header_timeout;      /* s from a request's first byte (or the
                                    connection's accept) to its whole head */

@@ -88,6 +88,7 @@ static const struct key tls_keys[] = {
 static const struct key limit_keys[] = {
     { "header_bytes", 'z', L_(max_header_bytes) },
     { "body_bytes", 'z', L_(max_body_bytes) },
+    { "body_memory", 'z', L_(max_body_memory) },
     { "connections", 'i', L_(max_connections) },
     { "header_timeout", 'n', L_(header_timeout) },
     { "body_timeout", 'n', L_(body_timeout) },
