@@ -767,7 +767,7 @@ function _M.check(conf, runtime)
   out.hooks_timeout = ht
 
   -- the refusals anyone can cause (a forged notification, a bad API
-  -- key): the first `lines` of each merchant and kind (each reason) in a
+  -- key, a console login refused): the first `lines` of each merchant and kind (each reason) in a
   -- window logged, then one line saying how many more (paygate.log.limiter)
   local rl = g.refusal_log
   if rl == nil then rl = {} end

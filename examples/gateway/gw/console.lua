@@ -440,6 +440,22 @@ function _M.routes(ctx)
     -- conf.login_failures wrong tokens per conf.login_window seconds,
     -- counted with the admin token's wrong tries; then 429 with
     -- Retry-After until the window ends.
+
+    -- A refused login is a line anyone who reaches the gateway can cause
+    -- (no cookie is needed for the first two kinds): bounded as the
+    -- notification's and the API's refusals are (gateway.refusal_log: the
+    -- first lines of each kind in a window, for all workers, then one line
+    -- saying how many more). Was: a line per POST, without limit, which
+    -- filled the disk at log level warn.
+    local refused_logs = {}
+    local function login_refused(level, msg, fields)
+      local lim = refused_logs[msg]
+      if not lim then
+        lim = paygate.log.limiter(msg, ctx.gateway.refusal_log)
+        refused_logs[msg] = lim
+      end
+      lim[level](lim, {}, fields)
+    end
     route("GET", "/console/login", function(req)
       return login_page(req, 200, nil, nil, console_next(req:query().next))
     end)
@@ -452,16 +468,16 @@ function _M.routes(ctx)
         return login_page(req, status, msg, extra, dest)
       end
       if not same_origin(req) then
-        paygate.log.warn("gateway: console login refused: cross-origin",
-                         { remote = req.remote_addr })
+        login_refused("warn", "gateway: console login refused: cross-origin",
+                      { remote = req.remote_addr })
         return again(403, "Cross-origin login refused.")
       end
       local nonce, got = login_nonce(req), form.csrf
       local want = nonce and login_csrf(nonce)
       if not want or type(got) ~= "string" or #got ~= #want
          or not crypto.constant_time_equal(got, want) then
-        paygate.log.warn("gateway: console login refused: the form's login"
-          .. " token is missing or wrong", { remote = req.remote_addr })
+        login_refused("warn", "gateway: console login refused: the form's"
+          .. " login token is missing or wrong", { remote = req.remote_addr })
         return again(403, "The login form's CSRF token is missing"
           .. " or wrong (the form was too old, or came from elsewhere):"
           .. " try again.")
@@ -469,15 +485,15 @@ function _M.routes(ctx)
       local ck, wait, err = throttle.reserve(remote, conf.login_failures,
                                              conf.login_window)
       if not ck then
-        paygate.log.error("gateway: console login refused: the attempt"
+        login_refused("error", "gateway: console login refused: the attempt"
           .. " could not be counted", { remote = req.remote_addr,
                                         error = tostring(err) })
         return refuse(503, "Unavailable", "Logins cannot be counted right"
           .. " now: try again later.")
       end
       if wait then
-        paygate.log.warn("gateway: console login throttled",
-                         { remote = req.remote_addr, retry_after = wait })
+        login_refused("warn", "gateway: console login throttled",
+                      { remote = req.remote_addr, retry_after = wait })
         return again(429, "Too many wrong tokens from your"
           .. " address: try again in " .. wait .. " s.",
           { ["Retry-After"] = tostring(wait) })
@@ -486,8 +502,8 @@ function _M.routes(ctx)
       local right = conf.token
       if type(tok) ~= "string" or #tok ~= #right
          or not crypto.constant_time_equal(tok, right) then
-        paygate.log.warn("gateway: console login refused: wrong token",
-                         { remote = req.remote_addr })
+        login_refused("warn", "gateway: console login refused: wrong token",
+                      { remote = req.remote_addr })
         return again(403, "Wrong token.")
       end
       throttle.give_back(ck)            -- a success is not counted

@@ -1,5 +1,6 @@
 -- examples/gateway: a flood of refusals anyone can cause -- forged
--- notifications, requests with a bad API key -- is a bounded number of
+-- notifications, requests with a bad API key, console logins refused -- is
+-- a bounded number of
 -- log lines (gateway.refusal_log: the first `lines` of each merchant and
 -- kind, each reason, in a window, for all workers together), then one line
 -- per window saying how many were not logged; the counters on /metrics
@@ -11,17 +12,24 @@ local gwcore = dofile("examples/gateway/spec/core_support.lua")
 local LINES, WINDOW, N = 3, 4, 40
 
 describe("gateway refusal lines", function()
-  local sim, gw
+  local server = require "paygate.testing.server"
+  local sim, gw, dir
 
   setup(function()
     sim = testing.simulator{ time_scale = 100 }
+    dir = server.tmpdir()
+    local f = assert(io.open(dir .. "/console.token", "w"))
+    f:write("console-token-0123456789\n")
+    f:close()
     gw = gwcore.start(sim, { workers = 2, gateway = {
-      refusal_log = { lines = LINES, window = WINDOW } } })
+      refusal_log = { lines = LINES, window = WINDOW },
+      console = { token_file = dir .. "/console.token" } } })
   end)
 
   teardown(function()
     if gw then gw.srv:stop() gw:stop() end
     testing.stop_all()
+    if dir then server.rmdir(dir) end
   end)
 
   local function metric(pattern)
@@ -135,5 +143,54 @@ describe("gateway refusal lines", function()
     assert.is_nil(s.key_id)
     assert.equal(before + N, metric('\npaygate_apikey_refusals_total{reason='
                                     .. '"bad_signature"} (%d+)\n'))
+  end)
+
+  -- a console login refused: its log lines (full ones, summaries,
+  -- suppressed) once N + extra are accounted for, within the windows
+  local function login_lines(msg, n, windows)
+    local full, summaries, suppressed
+    testing.wait_until(function()
+      full, summaries, suppressed = lines(msg)
+      return #full + suppressed == n
+    end, WINDOW * windows + 5, "the summary line of " .. msg)
+    assert.is_true(#full <= LINES * windows, #full .. " lines of " .. msg)
+    assert.is_true(#summaries >= 1 and #summaries <= windows)
+    assert.equal("warn", summaries[1].level)
+    for _, rec in ipairs(full) do assert.is_string(rec.remote) end
+    return full, summaries
+  end
+
+  it("a burst of console logins without the form's login token: LINES"
+     .. " lines, then one saying how many more", function()
+    -- was: one warn line per POST /console/login, without limit, from
+    -- anyone who reaches the gateway (no cookie needed)
+    local windows = burst(function(i)
+      local res = gw.srv:request{ method = "POST", path = "/console/login",
+        body = "token=guess-" .. i .. "&csrf=x", headers = {
+          ["Content-Type"] = "application/x-www-form-urlencoded" } }
+      assert.equal(403, res.status, res.body)
+    end)
+    login_lines("gateway: console login refused: the form's login token"
+                .. " is missing or wrong", N, windows)
+  end)
+
+  it("a burst of wrong console tokens: LINES lines of the wrong ones, then"
+     .. " LINES of the throttled ones, each with its summary", function()
+    -- the form's cookie and login token, as a browser has them
+    local page = gw.srv:request{ method = "GET", path = "/console/login" }
+    assert.equal(200, page.status, page.body)
+    local cookie = assert(page.headers["set-cookie"]:match("^(pgc_login=%w+);"))
+    local csrf = assert(page.body:match('name="csrf" value="(%x+)"'))
+    local FAILURES = 10                       -- console.login_failures
+    local windows = burst(function(i)
+      local res = gw.srv:request{ method = "POST", path = "/console/login",
+        body = "token=guess-" .. i .. "&csrf=" .. csrf, headers = {
+          ["Content-Type"] = "application/x-www-form-urlencoded",
+          Cookie = cookie } }
+      assert.equal(i <= FAILURES and 403 or 429, res.status, res.body)
+    end)
+    login_lines("gateway: console login refused: wrong token", FAILURES,
+                windows)
+    login_lines("gateway: console login throttled", N - FAILURES, windows)
   end)
 end)
