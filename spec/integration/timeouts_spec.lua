@@ -31,22 +31,24 @@ describe("timeouts", function()
   end)
   teardown(function() if s then assert.equal(0, s:stop()) end end)
 
-  it("never cut a body that keeps arriving, however long it takes in total", function()
+  it("never cut a body that keeps arriving at body_min_rate, however long"
+     .. " it takes in total", function()
     local c = assert(rawtcp.connect(s.port, 5))
-    local body = ("x"):rep(60)
+    local body = ("x"):rep(2400)
     c:send("POST /notify HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" ..
            "Content-Length: " .. #body .. "\r\n\r\n")
     -- 6 pieces, 0.3 s apart: 1.5 s in total, far over both timeouts,
-    -- but no gap reaches the 0.5 s body timeout; and request_timeout (1 s)
-    -- is the handler's time, which starts once the body is in
+    -- but no gap reaches the 0.5 s body timeout, and 400 bytes each 0.3 s
+    -- is over body_min_rate (500 bytes/s by default); request_timeout
+    -- (1 s) is the handler's time, which starts once the body is in
     for i = 0, 5 do
-      c:send(body:sub(i * 10 + 1, i * 10 + 10))
+      c:send(body:sub(i * 400 + 1, i * 400 + 400))
       if i < 5 then paygate.sleep(0.3) end
     end
     local out = c:recv_all()
     c:close()
     assert.matches("^HTTP/1.1 200", out)
-    assert.matches("got 60$", out)
+    assert.matches("got 2400$", out)
   end)
 
   it("close a body that stops arriving with 408 after the gap", function()
@@ -92,6 +94,55 @@ describe("timeouts", function()
     assert.equal(504, res.status)
     paygate.sleep(0.6)           -- past the moment the sleep would have ended
     assert.equal("0", assert(s:request("/reached")).body)
+  end)
+end)
+
+-- (a server of its own, the default body_min_rate: 500 bytes/s)
+describe("a body sent a byte now and then", function()
+  it("is cut with 408 once it falls behind body_min_rate, whatever its"
+     .. " gaps", function()
+    -- was: each gap under body_timeout re-armed it, and a client sending a
+    -- byte a second held its connection (and the body's buffer) for as
+    -- long as it liked: out of reach of every timeout and of the idle
+    -- reclaim at the connection cap
+    local s = server.start{ source = APP, workers = 1, config = [[
+      return { limits = { body_timeout = 1 } }]] }
+    local c = assert(rawtcp.connect(s.port, 0.05))
+    local t0 = paygate.update_time()
+    c:send("POST /notify HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n")
+    -- a byte every 0.25 s (4 bytes/s), for 6 s at most: no gap reaches
+    -- body_timeout (1 s), but the body is due by 1 s + its bytes / 500
+    local out = ""
+    while out == "" and paygate.update_time() - t0 < 6 do
+      c:send("x")
+      out = c:recv_some()
+      if out == "" then paygate.sleep(0.25) end
+    end
+    c:close()
+    local took = paygate.update_time() - t0
+    assert.matches("^HTTP/1.1 408", out)
+    assert.matches("request body not received in time", out, 1, true)
+    -- 1 s and a few bytes' worth; room for a loaded machine
+    assert.is_true(took >= 0.9 and took < 4, ("cut after %.2f s"):format(took))
+    assert.equal(0, s:stop())
+  end)
+
+  it("is never cut with body_min_rate = 0 while no gap reaches"
+     .. " body_timeout", function()
+    local s = server.start{ source = APP, workers = 1, config = [[
+      return { limits = { body_timeout = 0.5, body_min_rate = 0 } }]] }
+    local c = assert(rawtcp.connect(s.port, 5))
+    c:send("POST /notify HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+           .. "Content-Length: 6\r\n\r\n")
+    for i = 1, 6 do                  -- 1.5 s for 6 bytes
+      c:send("x")
+      if i < 6 then paygate.sleep(0.3) end
+    end
+    local out = c:recv_all()
+    c:close()
+    assert.matches("^HTTP/1.1 200", out)
+    assert.matches("got 6$", out)
+    assert.equal(0, s:stop())
   end)
 end)
 

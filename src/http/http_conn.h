@@ -101,6 +101,9 @@ struct gw_conn {
                                        route the request matched, or
                                        LUA_NOREF (set_route in lrequest.c;
                                        released by its end) */
+    double              body_at;    /* s (mono): the body's start (its
+                                       head parsed): body_min_rate counts
+                                       from it */
     double              started;    /* s (mono): the request's first byte,
                                        or the connection's accept */
     double              accepted;   /* s (mono): accept; the first head's

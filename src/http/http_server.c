@@ -71,6 +71,7 @@ gw_server_conf_defaults(struct gw_server_conf *c)
     c->max_connections = 10000;
     c->header_timeout = 10;
     c->body_timeout = 10;
+    c->body_min_rate = 500;
     c->write_timeout = 10;
     c->keepalive_timeout = 75;
     c->keepalive_requests = 10000;
@@ -291,12 +292,42 @@ head_since(const struct gw_conn *c)
     return c->requests == 0 && c->accepted > 0 ? c->accepted : c->started;
 }
 
+/* How long c's body may wait for its next bytes, got bytes of it in:
+ * body_timeout of silence, and no later than body_timeout + got /
+ * body_min_rate from its start. Without the second, a client sending a
+ * byte now and then kept its connection (and the body's buffer) for as
+ * long as it liked, out of reach of every timeout and of the cap's idle
+ * reclaim. */
+static double
+body_wait(const struct gw_conn *c, size_t got)
+{
+    double secs = gw_srv.conf.body_timeout;
+
+    if (gw_srv.conf.body_min_rate > 0) {
+        double left = c->body_at + gw_srv.conf.body_timeout
+                      + (double) got / gw_srv.conf.body_min_rate
+                      - gw_loop_mono();
+
+        if (left < secs) {
+            secs = left;
+        }
+    }
+    return secs;
+}
+
+/* The body bytes c has received so far (chunked: with their framing). */
+static size_t
+body_got(const struct gw_conn *c)
+{
+    return c->head.chunked ? c->chunk.in : c->in_len - c->body_off;
+}
+
 /* The phase's deadline again, once an answer has drained. */
 static void
 conn_timer_phase(struct gw_conn *c)
 {
     if (c->state == ST_BODY) {
-        gw_conn_timer(c, gw_srv.conf.body_timeout);
+        gw_conn_timer(c, body_wait(c, body_got(c)));
     } else if (c->state == ST_HEAD && c->in_len > 0 && c->started > 0) {
         gw_conn_timer(c, gw_srv.conf.header_timeout
                       - (gw_loop_mono() - head_since(c)));
@@ -722,6 +753,7 @@ gw_conn_process(struct gw_conn *c)
                 continue;
             }
             c->state = ST_BODY;
+            c->body_at = gw_loop_mono();
             if (c->head.expect_continue && c->head.minor == 1
                 && c->in_len - c->body_off == 0
                 && (c->head.content_length > 0 || c->head.chunked)) {
@@ -752,7 +784,7 @@ gw_conn_process(struct gw_conn *c)
                         conn_busy(c);
                         continue;
                     }
-                    conn_timer_io(c, gw_srv.conf.body_timeout);
+                    conn_timer_io(c, body_wait(c, c->chunk.in));
                     break;
                 }
                 c->body_len = c->chunk.out;
@@ -764,7 +796,7 @@ gw_conn_process(struct gw_conn *c)
                         conn_busy(c);
                         continue;
                     }
-                    conn_timer_io(c, gw_srv.conf.body_timeout);
+                    conn_timer_io(c, body_wait(c, have));
                     break;
                 }
                 c->body_len = need;

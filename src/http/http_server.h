@@ -23,6 +23,9 @@ struct gw_server_conf {
     double header_timeout;      /* s from a request's first byte (or the
                                    connection's accept) to its whole head */
     double body_timeout;        /* s of silence allowed while reading body*/
+    int    body_min_rate;       /* bytes/s: a body is due by its start +
+                                   body_timeout + its bytes so far / this
+                                   (0: no such bound) */
     double write_timeout;       /* s from a write blocking (socket buffer
                                    full) to all output sent; then closed */
     double keepalive_timeout;   /* s an idle connection is kept */

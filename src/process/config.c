@@ -92,6 +92,7 @@ static const struct key limit_keys[] = {
     { "connections", 'i', L_(max_connections) },
     { "header_timeout", 'n', L_(header_timeout) },
     { "body_timeout", 'n', L_(body_timeout) },
+    { "body_min_rate", '0', L_(body_min_rate) },
     { "write_timeout", 'n', L_(write_timeout) },
     { "keepalive_timeout", 'n', L_(keepalive_timeout) },
     { "keepalive_requests", 'i', L_(keepalive_requests) },
