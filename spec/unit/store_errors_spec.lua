@@ -39,7 +39,11 @@ local function check_cases(cases)
     assert.is_string(msg, c[1] .. " raised a " .. type(msg))
     assert.truthy(msg:find("^[^\n]*" .. HERE .. escape(c[3])),
                   c[1] .. ": got " .. msg)
-    assert.is_nil(msg:find("lua/paygate/", 1, true), c[1] .. ": " .. msg)
+    -- the message names the caller's line, not the library's (a raise
+    -- inside db:transaction carries its traceback after the message, as
+    -- a traceback lists every frame: the message line is what is judged)
+    local line = msg:match("^[^\n]*")
+    assert.is_nil(line:find("lua/paygate/", 1, true), c[1] .. ": " .. msg)
   end
 end
 
