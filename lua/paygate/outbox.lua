@@ -1378,7 +1378,9 @@ local function record_done(self, g, ok, err, fenced)
         -- (subject: the payment, so an operator finds what the event was
         -- about; sinks: the ones it did not reach, which a replay sends
         -- it to)
-        log_warn("outbox: dead letter", { id = o.row.id, type = o.row.type,
+        -- (id a string, as every log line's id is: one type per field)
+        log_warn("outbox: dead letter", { id = tostring(o.row.id),
+                                          type = o.row.type,
                                           subject = o.row.subject,
                                           sinks = o.owed,
                                           error = concat(o.errs, "; "),
@@ -1393,7 +1395,7 @@ local function record_done(self, g, ok, err, fenced)
         stats.errors = stats.errors + 1
         self.unrecorded = true        -- the next round probes first
       end
-      log_warn("outbox: outcome not recorded", { id = o.row.id,
+      log_warn("outbox: outcome not recorded", { id = tostring(o.row.id),
         error = fenced and ("fenced: lease " .. lease_key(self, p)
                             .. ": token " .. tostring(token)
                             .. " is no longer the newest")
@@ -1516,7 +1518,7 @@ end
 local function deliver_logged(sink, event)
   return xpcall(sink.deliver, function(e)
     log_at("warn", "outbox: sink " .. sink.name .. " raised (the attempt"
-      .. " failed; retried with backoff)", { id = event.id,
+      .. " failed; retried with backoff)", { id = tostring(event.id),
       type = event.type, subject = event.subject, attempt = event.attempt,
       sink = sink.name, error = debug.traceback(err_text(e), 2) })
     return e
@@ -1580,7 +1582,8 @@ local function call_sink(self, sink, event)
         .. ("%.1f"):format(took) .. " s without yielding, past its "
         .. sink.timeout .. " s timeout: it blocked the worker all that"
         .. " time (a busy loop, or a call that blocks instead of waiting)",
-        { id = event.id, type = event.type, subject = event.subject,
+        { id = tostring(event.id), type = event.type,
+          subject = event.subject,
           attempt = event.attempt, sink = sink.name,
           seconds = floor(took * 1000 + 0.5) / 1000 })
     end
@@ -1598,7 +1601,7 @@ local function call_sink(self, sink, event)
   log_at("warn", "outbox: sink " .. sink.name .. " timed out (no answer"
     .. " within " .. sink.timeout .. " s; cancelled where it waited"
     .. (at and ", " .. at or "") .. "; retried with backoff)",
-    { id = event.id, type = event.type, subject = event.subject,
+    { id = tostring(event.id), type = event.type, subject = event.subject,
       attempt = event.attempt, sink = sink.name, waiting_at = at,
       error = tb })
   return true, nil, core.error("timeout", "no answer within "
