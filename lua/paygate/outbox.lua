@@ -935,16 +935,27 @@ end
 -- failure with no error, not a success: it was read as done, and the
 -- event was lost without a word. Its error names the hook's function by
 -- where it is defined (its return cannot be located).
+-- A bare `return false` is a failure too, and its last_error names the
+-- hook the same way (was: "returned false", no hook named).
+local function hook_where(fn)
+  local info = debug.getinfo(fn, "S")
+  local src = info.source:sub(1, 1) == "@" and info.source:sub(2)
+              or info.short_src
+  return src .. ":" .. tostring(info.linedefined)
+end
+
 local function hook_result(fn, event, ...)
   local r, e = ...
   if r == nil and e == nil and select("#", ...) >= 2 then
-    local info = debug.getinfo(fn, "S")
-    local src = info.source:sub(1, 1) == "@" and info.source:sub(2)
-                or info.short_src
     return nil, core.error("no_error", "the hook for " .. event.type
-      .. " (" .. src .. ":" .. tostring(info.linedefined) .. ") returned"
+      .. " (" .. hook_where(fn) .. ") returned"
       .. " nil and a nil error: an error value that is nil (a misspelt or"
       .. " unset variable in return nil, err?); retried",
+      { retryable = true })
+  end
+  if r == false and e == nil then
+    return false, core.error("hook_failed", "the hook for " .. event.type
+      .. " (" .. hook_where(fn) .. ") returned false; retried",
       { retryable = true })
   end
   return ...

@@ -1164,6 +1164,30 @@ for engine, open in pairs(stores) do
       db:close()
     end)
 
+    it("a hook returning false fails its attempt, last_error naming the"
+       .. " hook's file and line", function()
+      -- was: last_error "hooks: returned false", no hook named
+      local db = open()
+      local line = debug.getinfo(1, "l").currentline + 2
+      local hooks = outbox.hooks{
+        ["payment.paid"] = function()
+          return false
+        end,
+      }
+      local d = outbox.dispatcher(db, { sinks = { hooks } })
+      local id = enqueue(db, "pay_false", "payment.paid")
+      d:step()
+      d:stop()
+      local r = row(db, id)
+      assert.equal("pending", r.state)
+      assert.equal(1, r.attempts)
+      assert.truthy(r.last_error:find("hooks: hook_failed: the hook for"
+        .. " payment.paid (", 1, true), r.last_error)
+      assert.truthy(r.last_error:find("outbox_spec.lua:" .. line
+        .. ") returned false", 1, true), r.last_error)
+      db:close()
+    end)
+
     -- A hook cancelled at its timeout said only "timeout: no answer
     -- within 1 s (cancelled)" (in last_error, and at the dead letter):
     -- nothing told which call of the hook hung. Each such attempt is now
