@@ -573,3 +573,79 @@ describe("paygate verify (a signature damaged on the way)", function()
     assert.matches("still does not verify", r.detail, 1, true)
   end)
 end)
+
+-- A message whose Wechatpay-Signature-Type is not the variant its key
+-- signs in: the gateway's SM client refuses it, and the verify command
+-- its capture names (--sign-type) must fail it too (was: exit 0 with a
+-- warning for an SM2 signature with no type header, while the gateway
+-- answered 401); without --sign-type, a type header that does not fit
+-- a key that did sign is named as the header's fault (was: "use the key
+-- of the variant the merchant signed up for", the key being the right
+-- one).
+describe("paygate verify (the type header against the variant)", function()
+  local sm, keys
+  local SM, RSA = "WECHATPAY2-SM2-WITH-SM3", "WECHATPAY2-SHA256-RSA2048"
+  setup(function()
+    assert(os.execute(("openssl genpkey -algorithm SM2 -out %s/smt.pem "
+      .. "2>/dev/null && openssl pkey -in %s/smt.pem -pubout -out "
+      .. "%s/smtpub.pem"):format(dir, dir, dir)))
+    sm = assert(crypto.private_key(read(dir .. "/smt.pem")))
+    keys = { "--public-key", dir .. "/smtpub.pem", "--public-key-id",
+             "PUB_KEY_ID_0120" }
+  end)
+  local function sm_signed(type_header)
+    return signed(SORTED, { key = sm, alg = SM, serial = "PUB_KEY_ID_0120",
+      extra = type_header and ("Wechatpay-Signature-Type: " .. type_header
+                               .. "\r\n") })
+  end
+  local function with(...)
+    local t = { unpack(keys) }
+    for _, a in ipairs({ ... }) do t[#t + 1] = a end
+    return t
+  end
+
+  it("--sign-type SM fails an SM2 signature with no type header", function()
+    local code, out, r = verify(SORTED, sm_signed(nil),
+                                with("--sign-type", SM))
+    assert.equal(1, code, out)
+    r = r[#r]
+    assert.equal("fail", r.status, out)
+    assert.equal("signature_type", r.kind, out)
+    assert.matches("no Wechatpay-Signature-Type, which means " .. RSA,
+                   r.cause, 1, true)
+    assert.matches("configured for " .. SM, r.cause, 1, true)
+    assert.matches("the signature itself verifies", r.detail, 1, true)
+    assert.matches("type header is missing", r.detail, 1, true)
+    -- typed, it verifies under --sign-type as without it
+    code, out, r = verify(SORTED, sm_signed(SM), with("--sign-type", SM))
+    assert.equal(0, code, out)
+    assert.equal("ok", r[#r].status, out)
+  end)
+
+  it("--sign-type RSA fails an SM2-typed message", function()
+    local code, out, r = verify(SORTED, sm_signed(SM), with("--sign-type",
+                                                             RSA))
+    assert.equal(1, code, out)
+    assert.equal("signature_type", r[#r].kind, out)
+    assert.matches("is " .. SM .. ", but the client is configured for "
+                   .. RSA, r[#r].cause, 1, true)
+  end)
+
+  it("--sign-type takes the two types only (exit 2)", function()
+    local code, out = verify(SORTED, sm_signed(SM), with("--sign-type",
+                                                          "SM2"), true)
+    assert.equal(2, code, out)
+    assert.matches("--sign-type is " .. RSA .. " or " .. SM .. ", not SM2",
+                   out, 1, true)
+  end)
+
+  it("names an RSA type header on an SM2 signature as the header's fault",
+     function()
+    local r, out = last(SORTED, sm_signed(RSA), keys)
+    assert.equal("algorithm", r.kind, out)
+    assert.matches("verifies as " .. SM .. " with it", r.cause, 1, true)
+    assert.matches("the key is the signer's", r.detail, 1, true)
+    assert.matches("Wechatpay-Signature-Type on the way", r.fix, 1, true)
+    assert.is_nil(r.fix:find("variant the merchant signed up for", 1, true))
+  end)
+end)

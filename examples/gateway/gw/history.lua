@@ -75,8 +75,9 @@ end
 
 -- Refused notifications captured whole (capture_dir), so that one
 -- command checks them: paygate verify --headers F.headers --body F.body
--- --certificate F.certs.pem. The newest CAPTURE_KEEP are kept (files of
--- other workers and instances too); a body over CAPTURE_MAX is not
+-- --certificate F.certs.pem (--sign-type for an SM merchant's). The
+-- newest CAPTURE_KEEP are kept (files of other workers and instances
+-- too); a body over CAPTURE_MAX is not
 -- captured, nor more than CAPTURE_PER_SECOND a second per worker (anyone
 -- can send refused notifications: a flood costs one capture a second,
 -- and one shows what the rest repeat). Never flushed to the disk: a
@@ -263,6 +264,12 @@ function _M.capture(wx, req)
   -- (--at: judged at its receipt, whenever the command is run)
   local cmd = "paygate verify --headers " .. base .. ".headers --body "
     .. base .. ".body --at " .. floor(now)
+  -- an SM merchant's client refuses a message not typed SM2 (no
+  -- Wechatpay-Signature-Type means RSA): verify judges it as the client
+  -- did, where on its own it takes the variant from the key
+  if (wx.conf or {}).sm then
+    cmd = cmd .. " --sign-type WECHATPAY2-SM2-WITH-SM3"
+  end
   local keyed = false                 -- a key named for verify to use
   local pems = {}
   for _, cert in pairs(wx.certs or {}) do pems[#pems + 1] = cert:pem() end

@@ -67,6 +67,20 @@ describe("gateway: refused notifications captured", function()
     assert.equal(1, #bases(dir))
   end)
 
+  it("names --sign-type for an SM merchant's client, none for an RSA one",
+     function()
+    -- was: the same command for both, so paygate verify took the variant
+    -- from the key and passed (exit 0, a warning) an SM2 signature with
+    -- no Wechatpay-Signature-Type that the SM client had refused (401)
+    history.CAPTURE_PER_SECOND = 1000
+    local sm = { certs = wx.certs, conf = { sm = true } }
+    local cmd = assert(history.capture(sm, req('{"id":"sm"}')))
+    assert.matches(" %-%-at %d+ %-%-sign%-type WECHATPAY2%-SM2%-WITH%-SM3 ",
+                   cmd)
+    cmd = assert(history.capture(wx, req('{"id":"rsa"}')))
+    assert.is_nil(cmd:find("--sign-type", 1, true), cmd)
+  end)
+
   it("keeps no credential a request carried: authorization, cookies",
      function()
     -- was: every header written as it came, a bearer token or a session

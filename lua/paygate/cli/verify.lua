@@ -17,7 +17,7 @@ local usage = [[
 usage: paygate verify --body FILE (--headers FILE | -H 'Name: value' ...)
                       (--certificate PEM ... | --public-key PEM
                        --public-key-id ID | --keyring DIR) [--at EPOCH]
-                      [--json]
+                      [--sign-type TYPE] [--json]
 
 Verifies WeChat Pay's signature on a captured API response or callback
 notification: the Wechatpay-Timestamp (less than 300 s from now, or from
@@ -48,6 +48,13 @@ mentioned as a possibility: WeChat's answers often are.
                        public keys
   --at EPOCH           judge the timestamp and validity at this time
                        (epoch seconds, 10 digits; milliseconds refused)
+  --sign-type TYPE     judge as a client configured for TYPE does (its
+                       sign_type: WECHATPAY2-SHA256-RSA2048 or
+                       WECHATPAY2-SM2-WITH-SM3): a message whose
+                       Wechatpay-Signature-Type (none means
+                       WECHATPAY2-SHA256-RSA2048) is not TYPE fails, as
+                       paygate.wechatpay refuses it. Without it the type
+                       is the message's, else the key's
   --json               one JSON object per result
 
 exit: 0 verified, 1 not verified (the cause printed), 2 usage or
@@ -58,7 +65,7 @@ local SPEC = {
   ["--body"] = "value", ["--headers"] = "value", ["-H"] = "list",
   ["--certificate"] = "list", ["--public-key"] = "value",
   ["--public-key-id"] = "value", ["--keyring"] = "value",
-  ["--at"] = "value", ["--json"] = "flag",
+  ["--at"] = "value", ["--sign-type"] = "value", ["--json"] = "flag",
 }
 
 -- t when it is a JSON array with at least one element
@@ -283,6 +290,11 @@ local function main(args)
   then
     common.usage_error("give --certificate, --public-key with "
                        .. "--public-key-id, or --keyring")
+  end
+  local sign_type = o["--sign-type"]
+  if sign_type ~= nil and not verify.FAMILY_OF[sign_type] then
+    common.usage_error("--sign-type is WECHATPAY2-SHA256-RSA2048 or "
+                       .. "WECHATPAY2-SM2-WITH-SM3, not %s", sign_type)
   end
   local body = common.read(o["--body"], "body file")
   local headers, status = {}, nil
@@ -637,6 +649,50 @@ local function main(args)
     return 1
   end
 
+  -- the type a client configured for sign_type takes: another one (the
+  -- header's, none meaning RSA) is refused before any signature is
+  -- checked, so this fails as paygate.wechatpay fails it (the gateway's
+  -- capture of a refused notification names its sign_type here), saying
+  -- whether the signature itself is of the configured variant
+  local declared = h.sig_type or verify.DEFAULT_SIG_TYPE
+  if sign_type and declared ~= sign_type then
+    local ktype = kok.key_type and kok:key_type() or kok:type()
+    local own = ktype == "SM2" and "WECHATPAY2-SM2-WITH-SM3"
+                or "WECHATPAY2-SHA256-RSA2048"
+    local itself = crypto.verify_base64(kok, verify.message(h.timestamp,
+      h.nonce, body), h.signature, own)
+    local detail = itself and ("the signature itself verifies with "
+      .. serial .. " (" .. ktype .. ", " .. own .. ")" .. (own == sign_type
+        and ": the message is of the configured variant and only its "
+            .. "type header " .. (h.sig_type and "says otherwise"
+              or "is missing") or ""))
+      or ("it does not verify as " .. own .. " with " .. serial
+          .. " (" .. ktype .. ") either")
+    local fix
+    if itself and own == sign_type and not h.sig_type then
+      fix = "capture and pass every Wechatpay-* header (curl -D FILE); "
+        .. "if it was missing as received (a capture the gateway wrote "
+        .. "holds every header), the sender did not type the message: "
+        .. "paygate.wechatpay reads no type as " .. verify.DEFAULT_SIG_TYPE
+        .. " and refuses it, as the Java SDK does; report it to WeChat Pay "
+        .. "with the notification's id"
+    elseif itself and own == sign_type then
+      fix = "pass the headers exactly as received: something changed "
+        .. "Wechatpay-Signature-Type on the way"
+    else
+      fix = "sign_type must be the variant the merchant signed up for; "
+        .. "a message of the other variant is another merchant's or "
+        .. "another set-up's (the SM variant has its own platform "
+        .. "certificates: /v3/certificates?algorithm_type=SM2)"
+    end
+    out:fail("signature_type", (h.sig_type and ("Wechatpay-Signature-Type "
+      .. "is " .. h.sig_type) or ("no Wechatpay-Signature-Type, which "
+      .. "means " .. declared)) .. ", but the client is configured for "
+      .. sign_type .. " (--sign-type): it refuses a message of the other "
+      .. "variant", detail, fix)
+    return 1
+  end
+
   -- the signature
   local ok, serr = verify.signature(h, body, ring, nil, now)
   if ok then
@@ -679,6 +735,25 @@ local function main(args)
   local key = kok
   local ktype = key.key_type and key:key_type() or key:type()
   if ck == "key_type_mismatch" or ck == "unsupported_algorithm" then
+    -- the key's own scheme: when the signature verifies under it, the key
+    -- is the signer's and only the type header is wrong (its fix is not
+    -- another variant's key)
+    local own = ktype == "SM2" and "WECHATPAY2-SM2-WITH-SM3"
+                or ktype == "RSA" and "WECHATPAY2-SHA256-RSA2048" or nil
+    if own and crypto.verify_base64(key, verify.message(h.timestamp,
+         h.nonce, body), h.signature, own) then
+      out:fail("algorithm", "Wechatpay-Signature-Type " .. tostring(h.sig_type)
+               .. " does not fit " .. serial .. ", an " .. ktype .. " key, "
+               .. "and the signature verifies as " .. own .. " with it",
+               "the key is the signer's: only the type header is wrong. A "
+               .. "client configured for " .. own .. " (sign_type) refuses a "
+               .. "message typed " .. tostring(h.sig_type)
+               .. ", as paygate.wechatpay does",
+               "pass the headers exactly as received: something changed "
+               .. "Wechatpay-Signature-Type on the way (or it was typed by "
+               .. "hand)")
+      return 1
+    end
     out:fail("algorithm", "Wechatpay-Signature-Type "
              .. tostring(h.sig_type) .. " does not fit " .. serial
              .. ", an " .. ktype .. " key",
