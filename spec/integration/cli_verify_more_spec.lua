@@ -631,6 +631,20 @@ describe("paygate verify (the type header against the variant)", function()
                    .. RSA, r[#r].cause, 1, true)
   end)
 
+  it("--sign-type SM fails an RSA message before looking for its key",
+     function()
+    -- the client refuses it before its key ring is asked: verify says
+    -- the variant, not "give the RSA platform certificates"
+    local code, out, r = verify(SORTED, signed(SORTED, {
+      extra = "Wechatpay-Signature-Type: " .. RSA .. "\r\n" }),
+      with("--sign-type", SM))
+    assert.equal(1, code, out)
+    r = r[#r]
+    assert.equal("signature_type", r.kind, out)
+    assert.matches("names none of the keys given", r.detail, 1, true)
+    assert.matches("sign_type must be the variant", r.fix, 1, true)
+  end)
+
   it("--sign-type takes the two types only (exit 2)", function()
     local code, out = verify(SORTED, sm_signed(SM), with("--sign-type",
                                                           "SM2"), true)

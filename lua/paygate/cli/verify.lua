@@ -485,6 +485,63 @@ local function main(args)
                 .. h.ts)
   end
 
+  -- the type a client configured for sign_type takes: another one (the
+  -- header's, none meaning RSA) is refused before any key is looked up
+  -- or signature checked, so this fails as paygate.wechatpay fails it
+  -- (the gateway's capture of a refused notification names its
+  -- sign_type here), saying whether the signature itself is of the
+  -- configured variant
+  local declared = h.sig_type or verify.DEFAULT_SIG_TYPE
+  if sign_type and declared ~= sign_type then
+    local key, kerr = ring:get(serial, now)
+    local detail, itself, own
+    if key then
+      local ktype = key.key_type and key:key_type() or key:type()
+      own = ktype == "SM2" and "WECHATPAY2-SM2-WITH-SM3"
+            or "WECHATPAY2-SHA256-RSA2048"
+      itself = crypto.verify_base64(key, verify.message(h.timestamp,
+        h.nonce, body), h.signature, own)
+      detail = itself and ("the signature itself verifies with " .. serial
+        .. " (" .. ktype .. ", " .. own .. ")" .. (own == sign_type
+          and ": the message is of the configured variant and only its "
+              .. "type header " .. (h.sig_type and "says otherwise"
+                or "is missing") or ""))
+        or ("it does not verify as " .. own .. " with " .. serial
+            .. " (" .. ktype .. ") either")
+    elseif kerr and kerr.kind ~= "unknown_serial" then
+      detail = "the key Wechatpay-Serial " .. serial .. " names is not "
+        .. "usable (" .. tostring(kerr.kind) .. "), so the signature is "
+        .. "not checked either"
+    else
+      detail = "Wechatpay-Serial " .. serial .. " names none of the keys "
+        .. "given: a message of the other variant is signed under that "
+        .. "variant's keys"
+    end
+    local fix
+    if itself and own == sign_type and not h.sig_type then
+      fix = "capture and pass every Wechatpay-* header (curl -D FILE); "
+        .. "if it was missing as received (a capture the gateway wrote "
+        .. "holds every header), the sender did not type the message: "
+        .. "paygate.wechatpay reads no type as " .. verify.DEFAULT_SIG_TYPE
+        .. " and refuses it, as the Java SDK does; report it to WeChat Pay "
+        .. "with the notification's id"
+    elseif itself and own == sign_type then
+      fix = "pass the headers exactly as received: something changed "
+        .. "Wechatpay-Signature-Type on the way"
+    else
+      fix = "sign_type must be the variant the merchant signed up for "
+        .. "(WeChat's answers to its requests are of it: paygate doctor "
+        .. "checks); a message of the other variant is another merchant's "
+        .. "or another set-up's"
+    end
+    out:fail("signature_type", (h.sig_type and ("Wechatpay-Signature-Type "
+      .. "is " .. h.sig_type) or ("no Wechatpay-Signature-Type, which "
+      .. "means " .. declared)) .. ", but the client is configured for "
+      .. sign_type .. " (--sign-type): it refuses a message of the other "
+      .. "variant", detail, fix)
+    return 1
+  end
+
   -- the key the serial names
   local is_pub = serial:sub(1, 11) == "PUB_KEY_ID_"
   local kok, kerr = ring:get(serial, now)
@@ -646,50 +703,6 @@ local function main(args)
             .. "rotates them"
     end
     out:fail("unknown_serial", cause, detail, fix)
-    return 1
-  end
-
-  -- the type a client configured for sign_type takes: another one (the
-  -- header's, none meaning RSA) is refused before any signature is
-  -- checked, so this fails as paygate.wechatpay fails it (the gateway's
-  -- capture of a refused notification names its sign_type here), saying
-  -- whether the signature itself is of the configured variant
-  local declared = h.sig_type or verify.DEFAULT_SIG_TYPE
-  if sign_type and declared ~= sign_type then
-    local ktype = kok.key_type and kok:key_type() or kok:type()
-    local own = ktype == "SM2" and "WECHATPAY2-SM2-WITH-SM3"
-                or "WECHATPAY2-SHA256-RSA2048"
-    local itself = crypto.verify_base64(kok, verify.message(h.timestamp,
-      h.nonce, body), h.signature, own)
-    local detail = itself and ("the signature itself verifies with "
-      .. serial .. " (" .. ktype .. ", " .. own .. ")" .. (own == sign_type
-        and ": the message is of the configured variant and only its "
-            .. "type header " .. (h.sig_type and "says otherwise"
-              or "is missing") or ""))
-      or ("it does not verify as " .. own .. " with " .. serial
-          .. " (" .. ktype .. ") either")
-    local fix
-    if itself and own == sign_type and not h.sig_type then
-      fix = "capture and pass every Wechatpay-* header (curl -D FILE); "
-        .. "if it was missing as received (a capture the gateway wrote "
-        .. "holds every header), the sender did not type the message: "
-        .. "paygate.wechatpay reads no type as " .. verify.DEFAULT_SIG_TYPE
-        .. " and refuses it, as the Java SDK does; report it to WeChat Pay "
-        .. "with the notification's id"
-    elseif itself and own == sign_type then
-      fix = "pass the headers exactly as received: something changed "
-        .. "Wechatpay-Signature-Type on the way"
-    else
-      fix = "sign_type must be the variant the merchant signed up for; "
-        .. "a message of the other variant is another merchant's or "
-        .. "another set-up's (the SM variant has its own platform "
-        .. "certificates: /v3/certificates?algorithm_type=SM2)"
-    end
-    out:fail("signature_type", (h.sig_type and ("Wechatpay-Signature-Type "
-      .. "is " .. h.sig_type) or ("no Wechatpay-Signature-Type, which "
-      .. "means " .. declared)) .. ", but the client is configured for "
-      .. sign_type .. " (--sign-type): it refuses a message of the other "
-      .. "variant", detail, fix)
     return 1
   end
 
