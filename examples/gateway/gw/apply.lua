@@ -35,6 +35,19 @@ _M.wx_time = wx_time
 
 local P, R = model.payments, model.refunds
 
+--- syntax: fields = apply.merchant_fields(p[, fields])
+-- fields (a new table when nil) with the merchant of payment row p:
+-- mchid, and a service provider's sub-merchant as sub_mchid (the
+-- provider's mchid alone does not say whose money it is: refunds, queries
+-- and the merchant platform are the sub-merchant's). Every line about
+-- money a person must look at names both.
+function _M.merchant_fields(p, fields)
+  fields = fields or {}
+  fields.mchid = tostring(p.mchid)
+  fields.sub_mchid = model.opt(p.sub_mchid)
+  return fields
+end
+
 -- The counters an operator alerts on. Each is declared here once, and
 -- apply.init_metrics gives every series of a known label set a 0 at start:
 -- a series that appears only with its first count shows Prometheus no
@@ -109,9 +122,10 @@ local function alarm(tx, p, refund, ev, kind)
   kind = kind or "amount_mismatch"
   -- logged once it commits, as it is counted: a try rolled back and run
   -- again (a version conflict) logged the alarm twice, counted once
-  local fields = { payment = p.id, refund = refund and refund.id,
-    expected = ev.expected, got = ev.got, source = ev.source,
-    notification_id = ev.notification_id }
+  local fields = _M.merchant_fields(p, { payment = p.id,
+    refund = refund and refund.id, out_trade_no = ev.out_trade_no,
+    out_refund_no = ev.out_refund_no, expected = ev.expected, got = ev.got,
+    source = ev.source, notification_id = ev.notification_id })
   tx:on_commit(function()
     paygate.log.error("gateway: " .. kind:gsub("_", " ") .. ": not applied",
                       fields)
@@ -303,12 +317,14 @@ local function duplicate_of(tx, o, key, mark, kind, p, fields)
   return true
 end
 
--- "sp_mchid/sub_mchid" or "mchid" of a resource or a payment row
+-- "sp_mchid/sub_mchid" or "mchid" of a resource or a payment row (one
+-- the resource lacks: "none", as a message says it)
 local function merchant_of(mchid, sp_mchid, sub_mchid)
   if sp_mchid ~= nil or sub_mchid ~= nil then
-    return tostring(sp_mchid) .. "/" .. tostring(sub_mchid)
+    return (sp_mchid ~= nil and tostring(sp_mchid) or "none") .. "/"
+      .. (sub_mchid ~= nil and tostring(sub_mchid) or "none")
   end
-  return tostring(mchid)
+  return mchid ~= nil and tostring(mchid) or "none"
 end
 
 -- Records the business key; false when another notification (or a query)
@@ -414,10 +430,14 @@ function _M.payment(ctx, tx, o)
   -- accepts.)
   local want = merchant_of(p.mchid, model.opt(p.sub_mchid) and p.mchid,
                            model.opt(p.sub_mchid))
-  if merchant_of(r.mchid, r.sp_mchid, r.sub_mchid) ~= want
-     or (o.mchid ~= nil and o.mchid ~= p.mchid) then
+  local got = merchant_of(r.mchid, r.sp_mchid, r.sub_mchid)
+  if got ~= want or (o.mchid ~= nil and o.mchid ~= p.mchid) then
+    -- both named (sp/sub for a service provider's): whose order came, and
+    -- whose payment it is not
     return nil, paygate.error("merchant_mismatch", "payment " .. p.id
-      .. " belongs to another merchant than the notification's")
+      .. " (" .. no .. ") is merchant " .. want .. "'s, not "
+      .. (got ~= want and got or ("route " .. tostring(o.mchid)))
+      .. "'s", { expected = want, got = got, route = o.mchid })
   end
   local state = r.trade_state
   if state ~= "SUCCESS" and state ~= "REFUND" then
@@ -525,11 +545,11 @@ function _M.payment(ctx, tx, o)
     -- needs to account for the money: how much, where, and what became
     -- of it (refunded by which refund, or kept for a person: at error,
     -- as the other alarms)
-    local fields = { payment = p.id, mchid = tostring(p.mchid),
+    local fields = _M.merchant_fields(p, { payment = p.id,
       out_trade_no = no, transaction_id = r.transaction_id, amount = total,
       duplicate = not pre_paid, action = policy,
       refund = refund and refund.id or nil,
-      source = o.source == "query" and (o.via or "query") or o.source }
+      source = o.source == "query" and (o.via or "query") or o.source })
     tx:on_commit(function()
       local say = policy == "refund" and paygate.log.warn
                   or paygate.log.error
@@ -661,10 +681,10 @@ function _M.refund_status(ctx, tx, rf, o)
       -- when WeChat refuses one (gw.refunds' refund_failed), and is the
       -- same alarm. Was: only refund.closed, which no one is told to
       -- watch for a refund the merchant's systems never asked for
-      local fields = { payment = p.id, refund = rf.id, kind = rf.kind,
-        out_trade_no = rf.out_trade_no, out_refund_no = rf.out_refund_no,
-        amount = rf.amount, mchid = tostring(p.mchid),
-        source = o.source == "query" and o.via or o.source }
+      local fields = _M.merchant_fields(p, { payment = p.id,
+        refund = rf.id, kind = rf.kind, out_trade_no = rf.out_trade_no,
+        out_refund_no = rf.out_refund_no, amount = rf.amount,
+        source = o.source == "query" and o.via or o.source })
       tx:on_commit(function()
         paygate.log.error("gateway: WeChat Pay closed an automatic refund;"
           .. " the money stays with the merchant until a person returns"

@@ -233,9 +233,16 @@ function _M.handler(req)
     return fail(after.kind)
   end
   if not outcome then
+    -- the order (or refund) and the merchant it names, as the other
+    -- notification lines do (a merchant_mismatch's message names the
+    -- payment's merchant and the notification's, sp/sub for a service
+    -- provider's: was the payment id alone)
+    local r = type(event.resource) == "table" and event.resource or {}
     paygate.log.warn("gateway: notification not applied", {
       id = event.id, kind = after and after.kind,
-      error = tostring(after) })
+      error = tostring(after), event_type = event.event_type,
+      mchid = mchid, sp_mchid = r.sp_mchid, sub_mchid = r.sub_mchid,
+      out_trade_no = r.out_trade_no, out_refund_no = r.out_refund_no })
     return fail(after and after.kind or "error")
   end
   -- the order (and refund) it was about, as the unknown-target line and

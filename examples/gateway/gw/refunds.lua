@@ -87,11 +87,12 @@ local function refund_failed(tx, rf, werr)
   if rf.kind ~= "merchant" then
     tx:on_commit(function()
       paygate.log.error("gateway: WeChat Pay refused an automatic refund;"
-        .. " the money stays with the merchant until a person returns it", {
-          payment = p.id, refund = rf.id, kind = rf.kind,
-          out_trade_no = rf.out_trade_no, amount = rf.amount,
+        .. " the money stays with the merchant until a person returns it",
+        apply.merchant_fields(p, { payment = p.id, refund = rf.id,
+          kind = rf.kind, out_trade_no = rf.out_trade_no,
+          out_refund_no = rf.out_refund_no, amount = rf.amount,
           wechat_kind = werr.kind, wechat_code = werr.code,
-          reason = tostring(werr.message) })
+          reason = tostring(werr.message) }))
     end)
     apply.count_alarm(tx, "refund_failed")
   end

@@ -234,6 +234,63 @@ describe("gateway notify handler on " .. engine, function()
     assert.equal(before + 1, illegal_refund_transitions())
   end)
 
+  it("names a service provider's sub-merchant in the lines about its"
+     .. " payment: another sub-merchant's notification, an amount"
+     .. " mismatch", function()
+    -- (was: the refused notification's line named the payment alone,
+    -- "belongs to another merchant than the notification's", and the
+    -- alarm's line no merchant at all: an operator of a provider could
+    -- not tell which sub-merchant's money it was)
+    local id = payment("paying")
+    assert(db:exec("UPDATE gw_payments SET sub_mchid = '1600000001' WHERE"
+                   .. " id = $1", { id }))
+    local lines = {}
+    local warn_was, error_was = paygate.log.warn, paygate.log.error
+    local function keep(say)
+      return function(msg, fields, ...)
+        lines[#lines + 1] = { msg = tostring(msg), fields = fields or {} }
+        return say(msg, fields, ...)
+      end
+    end
+    paygate.log.warn, paygate.log.error = keep(warn_was), keep(error_was)
+    local function line(start)
+      for _, l in ipairs(lines) do
+        if l.msg:find(start, 1, true) then return l.fields end
+      end
+    end
+    local ok, err = pcall(function()
+      local function partner_event(sub, total, eid)
+        local ev = paid_event(id .. "_1", total, eid)
+        ev.resource.mchid = nil
+        ev.resource.sp_mchid, ev.resource.sub_mchid = gwcore.MCHID, sub
+        return ev
+      end
+      -- another sub-merchant's order of the same number: refused
+      local status = notify.handler(req(partner_event("1600000002", 100,
+                                                      "EV-sub-other")))
+      assert.equal(500, status)
+      local f = assert(line("gateway: notification not applied"))
+      assert.equal("merchant_mismatch", f.kind)
+      assert.equal(gwcore.MCHID, f.mchid)
+      assert.equal("1600000002", f.sub_mchid)
+      assert.equal(id .. "_1", f.out_trade_no)
+      assert.matches("payment " .. id .. " (" .. id .. "_1) is merchant "
+        .. gwcore.MCHID .. "/1600000001's, not " .. gwcore.MCHID
+        .. "/1600000002's", f.error, 1, true)
+      assert.equal("paying", model.payment(db, id).state)
+      -- its own sub-merchant's, of another amount: the alarm
+      assert.equal(204, (notify.handler(req(partner_event("1600000001",
+                                                          999)))))
+      f = assert(line("gateway: amount mismatch: not applied"))
+      assert.equal(gwcore.MCHID, f.mchid)
+      assert.equal("1600000001", f.sub_mchid)
+      assert.equal(id, f.payment)
+      assert.equal(id .. "_1", f.out_trade_no)
+    end)
+    paygate.log.warn, paygate.log.error = warn_was, error_was
+    assert(ok, err)
+  end)
+
   it("raises an alarm for another merchant's refund, applies nothing",
      function()
     local id = payment("paying")

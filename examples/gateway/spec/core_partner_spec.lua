@@ -334,6 +334,49 @@ describe("gateway for a service provider", function()
     end
   end)
 
+  it("names the sub-merchant in the alarm lines of its late payment and"
+     .. " of the automatic refund WeChat refused", function()
+    -- (was: the provider's mchid alone, or no merchant at all in the
+    -- refused refund's line: the money is the sub-merchant's, and so is
+    -- the merchant platform a person returns it in)
+    local sub = sim.partner.sub_mchid
+    local p = gw:create{ sub_mchid = sub, amount = 45 }
+    -- WeChat's close answers ORDER_NOT_EXIST once: closed here, payable
+    -- there (the race in which money arrives after a close)
+    sim:fault{ endpoint = "close", kind = "error", status = 404,
+               code = "ORDER_NOT_EXIST", count = 1 }
+    assert.equal(200, gw:call("POST", "/v1/payments/" .. p.id
+                              .. "/close").status)
+    sim:fault{ endpoint = "refund", kind = "error", status = 403,
+               code = "NOT_ENOUGH", count = 1 }
+    sim:pay_and_wait(p.out_trade_no, { mchid = sub })
+    gw:wait_state(p.id, "paid")
+    testing.wait_until(function()
+      local r = gw:get(p.id).refunds[1]
+      return r and r.state == "failed"
+    end, 10, "the automatic refund refused")
+    local function line_of(start)
+      local found
+      testing.wait_until(function()
+        for l in (gw.srv:logs() or ""):gmatch("[^\n]+") do
+          if l:find(start, 1, true) and l:find(p.id, 1, true) then
+            found = l
+          end
+        end
+        return found
+      end, 10, start)
+      return found
+    end
+    for _, start in ipairs{ "gateway: payment on a closed or superseded"
+                            .. " attempt",
+                            "gateway: WeChat Pay refused an automatic"
+                            .. " refund" } do
+      local l = line_of(start)
+      assert.matches('"mchid":"' .. sim.partner.mchid .. '"', l, 1, true)
+      assert.matches('"sub_mchid":"' .. sub .. '"', l, 1, true)
+    end
+  end)
+
   it("refuses a malformed sub_appid before storing anything", function()
     for i, v in ipairs{ "", string.rep("w", 33), "wx 1", 7 } do
       local oid = "sp-badapp-" .. i
