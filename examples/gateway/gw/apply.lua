@@ -327,6 +327,14 @@ local function merchant_of(mchid, sp_mchid, sub_mchid)
   return mchid ~= nil and tostring(mchid) or "none"
 end
 
+--- syntax: who = apply.merchant(p)
+-- Payment row p's merchant as the notifications name it and the console
+-- shows it: "mchid", or "sp_mchid/sub_mchid" for a service provider's.
+function _M.merchant(p)
+  local sub = model.opt(p.sub_mchid)
+  return merchant_of(p.mchid, sub and p.mchid, sub)
+end
+
 -- Records the business key; false when another notification (or a query)
 -- applied it already.
 local function claim(tx, key, by, now)
@@ -428,8 +436,7 @@ function _M.payment(ctx, tx, o)
   -- through: a notification verified with one merchant's keys is no word
   -- on another's payment. (gw.notify_atomic takes only the owner this
   -- accepts.)
-  local want = merchant_of(p.mchid, model.opt(p.sub_mchid) and p.mchid,
-                           model.opt(p.sub_mchid))
+  local want = _M.merchant(p)
   local got = merchant_of(r.mchid, r.sp_mchid, r.sub_mchid)
   if got ~= want or (o.mchid ~= nil and o.mchid ~= p.mchid) then
     -- both named (sp/sub for a service provider's): whose order came, and
@@ -738,8 +745,7 @@ local function refund_outside(tx, r, o)
   p, err = model.payment(tx, rows[1].payment_id)
   if p == nil then return nil, err end
   if not p then return false end
-  local want = merchant_of(p.mchid, model.opt(p.sub_mchid) and p.mchid,
-                           model.opt(p.sub_mchid))
+  local want = _M.merchant(p)
   if merchant_of(r.mchid, r.sp_mchid, r.sub_mchid) ~= want
      or (o.mchid ~= nil and o.mchid ~= p.mchid) then
     return false
@@ -784,8 +790,7 @@ function _M.refund(ctx, tx, o)
   local p
   p, err = model.payment(tx, rf.payment_id)
   if not p then return nil, err or paygate.error("not_found", "payment") end
-  local want = merchant_of(p.mchid, model.opt(p.sub_mchid) and p.mchid,
-                           model.opt(p.sub_mchid))
+  local want = _M.merchant(p)
   local got = merchant_of(r.mchid, r.sp_mchid, r.sub_mchid)
   if got ~= want or (o.mchid ~= nil and o.mchid ~= p.mchid) then
     return alarm(tx, p, rf, { expected = want, got = got,

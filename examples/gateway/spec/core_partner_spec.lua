@@ -377,6 +377,41 @@ describe("gateway for a service provider", function()
     end
   end)
 
+  it("the console's list of payments and its abnormal refunds name each"
+     .. " one's sub-merchant", function()
+    -- (was: the list had no merchant column, and the overview's abnormal
+    -- refunds the provider's mchid: which sub-merchant owes the payer,
+    -- and under which sub_mchid the application is made, took opening
+    -- each payment)
+    local sub = sim.partner.sub_mchid
+    local who = sim.partner.mchid .. "/" .. sub
+    local p = gw:create{ sub_mchid = sub, amount = 30 }
+    sim:pay_and_wait(p.out_trade_no, { mchid = sub })
+    gw:wait_state(p.id, "paid")
+    local r = gw:call("POST", "/v1/payments/" .. p.id .. "/refunds",
+                      { amount = 30 })
+    assert.equal(201, r.status, r.body)
+    sim:settle(r.json.out_refund_no, "ABNORMAL", sub)
+    sim:wait_notification{ out_refund_no = r.json.out_refund_no,
+                           event_type = "REFUND.ABNORMAL" }
+    testing.wait_until(function()
+      return gw:get(p.id).refunds[1].state == "abnormal"
+    end, 10, "the refund abnormal")
+    for _, path in ipairs{ "/console/payments",
+                           "/console/payments?q=" .. p.out_trade_no } do
+      local list = gw.srv:request{ path = path }
+      assert.equal(200, list.status, list.body)
+      assert.matches("<th>merchant</th>", list.body, 1, true)
+      assert.matches('">' .. p.id .. "</a></td><td>" .. who .. "</td><td>"
+                     .. p.out_trade_no .. "</td>", list.body, 1, true)
+    end
+    local body = gw.srv:request{ path = "/console" }.body
+    local box = assert(body:match("<h2>Abnormal refunds[^<]*</h2>(.-)"
+                                  .. "</section>"))
+    assert.matches("<td>" .. r.json.out_refund_no .. "</td><td>%d+</td><td>"
+                   .. who:gsub("%p", "%%%0") .. "</td>", box)
+  end)
+
   it("refuses a malformed sub_appid before storing anything", function()
     for i, v in ipairs{ "", string.rep("w", 33), "wx 1", 7 } do
       local oid = "sp-badapp-" .. i

@@ -518,14 +518,15 @@ recovery.</p></section>]], { t = when(restored.copy_newest),
   -- refunds WeChat could not pay back (abnormal): owed to the payer until a
   -- person applies for them, whatever their age (index gw_refunds_abnormal)
   rows, err = db:query("SELECT r.id, r.payment_id, r.out_refund_no,"
-    .. " r.refund_id, r.amount, r.updated_at, p.mchid FROM gw_refunds r"
+    .. " r.refund_id, r.amount, r.updated_at, p.mchid, p.sub_mchid FROM"
+    .. " gw_refunds r"
     .. " JOIN gw_payments p ON p.id = r.payment_id WHERE r.state ="
     .. " 'abnormal' ORDER BY r.updated_at DESC LIMIT 11")
   list = {}
   for i, r in ipairs(rows or {}) do
     if i <= 10 then
       list[i] = { payment_link(r.payment_id), r.out_refund_no,
-                  null(r.refund_id) or "", r.mchid, fen(r.amount),
+                  null(r.refund_id) or "", apply.merchant(r), fen(r.amount),
                   when(r.updated_at) }
     end
   end
@@ -614,8 +615,8 @@ function _M.payments(q, view)
   local term = type(q.q) == "string" and q.q:gsub("^%s+", "")
                  :gsub("%s+$", "") or ""
   local rows, err
-  local COLS = "SELECT id, out_trade_no, transaction_id, state, amount,"
-    .. " description, created_at FROM gw_payments"
+  local COLS = "SELECT id, mchid, sub_mchid, out_trade_no, transaction_id,"
+    .. " state, amount, description, created_at FROM gw_payments"
   if term ~= "" then
     -- an exact id, out_trade_no (any attempt), transaction_id, order_id
     -- (any app's: several may use the same), a refund's out_refund_no or
@@ -657,7 +658,7 @@ function _M.payments(q, view)
   local list = {}
   for i = 1, min(#rows, PAGE) do
     local r = rows[i]
-    list[i] = { payment_link(r.id), r.out_trade_no,
+    list[i] = { payment_link(r.id), apply.merchant(r), r.out_trade_no,
                 null(r.transaction_id) or "", r.state, fen(r.amount),
                 r.description, when(r.created_at) }
   end
@@ -679,8 +680,8 @@ Search <input name="q" value="{{term}}" placeholder="payment id,
 out_trade_no, transaction_id, order_id or out_refund_no"></label><button>Find</button></form>
 {{window}}{{t}}<p class="pager">{{next}}</p>]], {
     term = term, next = next_link, window = window,
-    t = table_of({ "payment", "out_trade_no", "transaction_id", "state",
-                   "amount", "description", "created" }, list) })
+    t = table_of({ "payment", "merchant", "out_trade_no", "transaction_id",
+                   "state", "amount", "description", "created" }, list) })
 end
 
 local function verify_box(subject)
