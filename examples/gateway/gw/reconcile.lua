@@ -735,10 +735,11 @@ function _M.local_rows(db, mchid, date, numbers, refund_numbers)
   local from = bill.day_start(date)
   local to = from + 86400
   local out, seen = {}, {}
-  local function add_payment(no, amount, state)
+  local function add_payment(no, amount, state, sub)
     if seen[no] then return end
     seen[no] = true
-    out[#out + 1] = { out_trade_no = no, amount = amount, state = state }
+    out[#out + 1] = { out_trade_no = no, amount = amount, state = state,
+                      sub_mchid = model.opt(sub) }
   end
   -- what was paid that day (the audit trail is kept: evidence), recorded
   -- then or up to RECORDED_WITHIN later
@@ -751,13 +752,14 @@ function _M.local_rows(db, mchid, date, numbers, refund_numbers)
   for _, p in ipairs(rows) do
     if of_day(p.gw_at, p.gw_evidence, from, to) then
       add_payment(model.opt(p.paid_out_trade_no) or p.out_trade_no,
-                  p.amount, PAID[p.state] and "paid" or p.state)
+                  p.amount, PAID[p.state] and "paid" or p.state, p.sub_mchid)
     end
   end
   -- the attempts the bill names (paid on another day here, or not at all)
   local aok, aerr = by_numbers(db, mchid, numbers, function(ph)
     return "SELECT a.out_trade_no AS attempt_no,"
-      .. " a.state AS attempt_state, p.amount AS amount"
+      .. " a.state AS attempt_state, p.amount AS amount,"
+      .. " p.sub_mchid AS sub_mchid"
       .. " FROM gw_attempts a JOIN gw_payments p ON p.id = a.payment_id"
       .. " WHERE p.mchid = $1 AND a.out_trade_no IN (" .. ph .. ")"
   end, function(arows)
@@ -765,14 +767,16 @@ function _M.local_rows(db, mchid, date, numbers, refund_numbers)
       -- an attempt holds money when it is paid (a late or duplicate
       -- payment on it too: refunded separately)
       add_payment(p.attempt_no, p.amount, p.attempt_state == "paid"
-                  and "paid" or "attempt_" .. tostring(p.attempt_state))
+                  and "paid" or "attempt_" .. tostring(p.attempt_state),
+                  p.sub_mchid)
     end
   end)
   if not aok then return nil, aerr end
   -- refunds that succeeded that day (their audit entries are in their own
   -- chain refund:<id>)
   local rrows, rerr = db:query("SELECT r.out_trade_no, r.out_refund_no,"
-    .. " r.amount, r.state, a.at AS gw_at, a.evidence AS gw_evidence FROM"
+    .. " r.amount, r.state, p.sub_mchid AS sub_mchid, a.at AS gw_at,"
+    .. " a.evidence AS gw_evidence FROM"
     .. " paygate_audit a JOIN gw_refunds r ON a.subject = 'refund:' || r.id"
     .. " JOIN gw_payments p ON p.id = r.payment_id WHERE a.what ="
     .. " 'refund.succeeded' AND a.at >= $1 AND a.at < $2 AND p.mchid = $3",
@@ -784,7 +788,7 @@ function _M.local_rows(db, mchid, date, numbers, refund_numbers)
     rseen[r.out_refund_no] = true
     out[#out + 1] = { out_trade_no = r.out_trade_no,
                       out_refund_no = r.out_refund_no, amount = r.amount,
-                      state = r.state }
+                      state = r.state, sub_mchid = model.opt(r.sub_mchid) }
   end
   for _, r in ipairs(rrows) do
     if of_day(r.gw_at, r.gw_evidence, from, to) then add_refund(r) end
@@ -794,7 +798,8 @@ function _M.local_rows(db, mchid, date, numbers, refund_numbers)
   refund_numbers = refund_numbers or {}
   local fok, ferr = by_numbers(db, mchid, refund_numbers, function(ph)
     return "SELECT r.out_trade_no, r.out_refund_no,"
-      .. " r.amount, r.state FROM gw_refunds r JOIN gw_payments p ON p.id ="
+      .. " r.amount, r.state, p.sub_mchid AS sub_mchid FROM gw_refunds r"
+      .. " JOIN gw_payments p ON p.id ="
       .. " r.payment_id WHERE p.mchid = $1 AND r.out_refund_no IN (" .. ph
       .. ")"
   end, function(frows)

@@ -412,6 +412,47 @@ describe("gateway for a service provider", function()
                    .. who:gsub("%p", "%%%0") .. "</td>", box)
   end)
 
+  it("the day's bill report names the sub-merchant of each mismatch",
+     function()
+    -- (was: no such column: a provider's bill holds every sub-merchant's
+    -- orders, and a line of it did not say whose)
+    package.path = "examples/gateway/?.lua;" .. package.path
+    local gwr = require "gw.reconcile"
+    local bill = require "paygate.reconcile.bill"
+    local sub = sim.partner.sub_mchid
+    local p = gw:create{ sub_mchid = sub, amount = 77 }
+    sim:pay_and_wait(p.out_trade_no, { mchid = sub })
+    gw:wait_state(p.id, "paid")
+    local today = os.date("!%Y-%m-%d", os.time() + 8 * 3600)
+    sim:close_bills(today)
+    -- the gateway's rows say whose they are
+    local mine
+    for _, r in ipairs(assert(gwr.local_rows(gw.db, sim.partner.mchid,
+                                             today, {}))) do
+      if r.out_trade_no == p.out_trade_no then mine = r end
+    end
+    assert.equal(sub, assert(mine).sub_mchid)
+    -- an amount off here: the report's line names the sub-merchant
+    assert(gw.db:exec("UPDATE gw_payments SET amount = amount + 1 WHERE"
+                      .. " id = $1", { p.id }))
+    local wx = sim:client(sim.partner)
+    local ok, report = pcall(bill.daily, { wx = wx, db = gw.db,
+      dir = testing.tmpdir(), date = today, name = "partner",
+      local_rows = function(date, numbers, refund_numbers)
+        return gwr.local_rows(gw.db, sim.partner.mchid, date, numbers,
+                              refund_numbers)
+      end })
+    wx:stop()
+    assert(gw.db:exec("UPDATE gw_payments SET amount = amount - 1 WHERE"
+                      .. " id = $1", { p.id }))
+    assert(ok, report)
+    assert(report, "no report")
+    local csv = testing.read(report.path)
+    assert.matches(",sub_mchid\r\n", csv, 1, true)
+    assert.matches(",amount," .. p.out_trade_no .. ",,paid,78,SUCCESS,77,"
+                   .. sub .. "\r\n", csv, 1, true)
+  end)
+
   it("refuses a malformed sub_appid before storing anything", function()
     for i, v in ipairs{ "", string.rep("w", 33), "wx 1", 7 } do
       local oid = "sp-badapp-" .. i

@@ -296,6 +296,10 @@ function _M.records(path, on_wait)
                     { line = n, file_line = row.line })
       end
       local no, state = row["商户订单号"], row["交易状态"]
+      -- a service provider's bill: whose order the line is (`0` in a
+      -- direct merchant's)
+      local sub = row["特约商户号"]
+      if sub == "" or sub == "0" then sub = nil end
       if type(no) ~= "string" or no == "" or type(state) ~= "string" then
         return fail("bad_bill", "bill: line " .. n .. " has no 商户订单号"
                     .. " or 交易状态" .. at, { line = n, file_line = row.line })
@@ -318,7 +322,7 @@ function _M.records(path, on_wait)
         end
         local rec = { out_trade_no = no, amount = amount,
                       state = row["退款状态"] or "",
-                      refund_id = row["微信退款单号"] }
+                      refund_id = row["微信退款单号"], sub_mchid = sub }
         if refunds[rno] then
           duplicates[#duplicates + 1] = { out_trade_no = no,
             out_refund_no = rno, line = n, record = rec,
@@ -334,7 +338,7 @@ function _M.records(path, on_wait)
                               and "订单金额 or 应结订单金额")
         end
         local rec = { amount = amount, state = state,
-                      transaction_id = row["微信订单号"] }
+                      transaction_id = row["微信订单号"], sub_mchid = sub }
         if payments[no] then
           duplicates[#duplicates + 1] = { out_trade_no = no, line = n,
             record = rec, first = payments[no] }
@@ -371,7 +375,8 @@ local KIND_ORDER = { missing_local = 1, missing_remote = 2, amount = 3,
 -- syntax: mismatches = bill.diff(remote, local_rows[, opts])
 -- remote: bill.records' result (or { payments = {}, refunds = {} } for an
 -- empty day). local_rows: { { out_trade_no, amount (fen), state,
--- out_refund_no? (a refund's row) }, ... }. opts.paid_states (payment
+-- out_refund_no? (a refund's row), sub_mchid? (a service provider's
+-- sub-merchant: the report's column) }, ... }. opts.paid_states (payment
 -- states WeChat's bill lists as SUCCESS; default paid, partially_refunded,
 -- refunded), opts.refund_states (default succeeded),
 -- opts.refund_pending_states (refund states that agree with a bill line
@@ -541,7 +546,7 @@ end
 
 local HEADER = { "bill_date", "kind", "out_trade_no", "out_refund_no",
                  "local_state", "local_amount", "remote_state",
-                 "remote_amount" }
+                 "remote_amount", "sub_mchid" }
 -- the report's columns, for a reader that lays out an audit entry's
 -- findings as the CSV has them (its file gone, or on another instance)
 _M.HEADER = HEADER
@@ -552,10 +557,15 @@ _M.HEADER = HEADER
 -- report's columns: the CSV's lines and the audit entry's findings.
 function _M.finding(m)
   local l, r = m["local"] or {}, m.remote or {}
+  -- whose order (a service provider's bill: the line's 特约商户号, else
+  -- the local row's sub_mchid)
+  local sub = r.sub_mchid or l.sub_mchid
+  if sub == core.null then sub = nil end
   return { kind = m.kind, out_trade_no = m.out_trade_no,
            out_refund_no = m.out_refund_no,
            local_state = l.state, local_amount = l.amount,
-           remote_state = r.state, remote_amount = r.amount }
+           remote_state = r.state, remote_amount = r.amount,
+           sub_mchid = sub }
 end
 
 --- syntax: row = bill.row(date, f)
