@@ -325,8 +325,8 @@ describe("the daily trade bill", function()
     local text = f:read("*a")
     f:close()
     assert.equal(crypto.hex(crypto.digest("sha256", text)), report.sha256)
-    assert.is_truthy(text:find("," .. nos[3] .. ",,,,SUCCESS,435\r\n", 1,
-                               true))
+    assert.is_truthy(text:find("," .. nos[3] .. ",,,,SUCCESS,435,\r\n", 1,
+                               true))     -- (no sub_mchid: a direct merchant)
     assert.is_truthy(text:find(",amount," .. nos[2] .. ",,paid,30,SUCCESS,29",
                                1, true))
     local e = audit.entries(db, "reconcile:" .. today)
