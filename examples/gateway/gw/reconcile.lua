@@ -1297,6 +1297,8 @@ function _M.bill_day(o)
   local ok, report, err = pcall(bill.daily, {
     wx = o.wx, db = db, dir = o.dir, date = o.date, name = mchid,
     fence = o.fence, on_wait = o.on_wait, retry = { attempts = 1 },
+    -- (who ran it, as an unreconciled run's entry says it)
+    actor = o.job and "reconcile" or "console",
     local_rows = function(date, numbers, refund_numbers)
       return _M.local_rows(db, mchid, date, numbers, refund_numbers)
     end })

@@ -657,7 +657,8 @@ local REFUSED = { bad_bill = true, bad_amount = true }
 -- bill.bill_date()), name (a suffix for several merchants' reports),
 -- sub_mchid, retry, sleep, on_wait, max_bytes (as bill.fetch), fence (fn(tx) -> ok,
 -- err: checked in the audit entry's transaction), paid_states,
--- refund_states, keep_bill (keep the downloaded bill beside the report;
+-- refund_states, actor (the audit entry's, default "reconcile"),
+-- keep_bill (keep the downloaded bill beside the report;
 -- a bill refused as read, bad_bill or bad_amount, is kept anyway: as
 -- tradebill-<date>[-<name>].csv.refused, the day's last refused one,
 -- named in err.bill and the message).
@@ -775,7 +776,7 @@ function _M.daily(opts)
     findings[i] = f
   end
   local entry = { what = "reconcile.bill", cause = "daily_bill",
-                  actor = "reconcile", evidence = {
+                  actor = opts.actor or "reconcile", evidence = {
                     date = date, empty = not info, file = path,
                     sha256 = sha, counts = counts, merchant = opts.name,
                     remote_payments = npay, remote_refunds = nref,
