@@ -349,6 +349,20 @@ describe("wechatpay api", function()
       end)
     end
 
+    it("a partner jsapi prepay naming both sp_openid and sub_openid says"
+       .. " not both", function()
+      -- was: "must hold one of sp_openid, sub_openid", which it did
+      local p = prepay_p{ sub_mchid = "1900000109", sp_appid = APPID,
+                          sub_appid = APPID,
+                          payer = { sp_openid = "o1", sub_openid = "o2" } }
+      p.appid = nil
+      local data, err = pwx:jsapi_prepay(p)
+      assert.is_nil(data)
+      assert.equal("invalid_params", err.kind, tostring(err))
+      assert.equal("payer", err.field)
+      assert.matches("not both", tostring(err), 1, true)
+    end)
+
     it("never raises on hostile values in any field (prepay_request)",
        function()
       local garbage = { 0, -1, 1.5, 0 / 0, 1 / 0, -1 / 0, 2 ^ 60, "", "\255",

@@ -339,8 +339,13 @@ local function build_prepay(self, kind, p)
   end
   if mode == "partner" and kind == "jsapi" then
     local payer = body.payer
-    if (payer.sp_openid == nil) == (payer.sub_openid == nil) then
+    if payer.sp_openid == nil and payer.sub_openid == nil then
       return fail(name, "payer", "must hold one of sp_openid, sub_openid")
+    end
+    if payer.sp_openid ~= nil and payer.sub_openid ~= nil then
+      -- (WeChat refuses the two together: say that, not "one of")
+      return fail(name, "payer", "must hold sp_openid or sub_openid, not"
+                  .. " both: WeChat Pay refuses an order naming both")
     end
     if payer.sub_openid and body.sub_appid == nil then
       return fail(name, "sub_appid", "is required with payer.sub_openid")
