@@ -44,6 +44,17 @@ local LOCK_ID = 7217002
 -- pool's query_timeout (10 s) is for a server gone silent, and cut them
 -- at every start
 local RUN_TIMEOUT = 3600
+-- PostgreSQL: a migration's lock (ALTER TABLE takes the table's ACCESS
+-- EXCLUSIVE lock) is waited for at most LOCK_WAIT. A lock request that
+-- waits queues every later query of that table behind it, reads too: a
+-- migration waiting for a long transaction on gw_refunds held every
+-- request of the running version that read a refund, past WeChat's 5 s
+-- for a notification (the upgrade trial: 13 s, then 503s). Past it the
+-- run is rolled back (those queries go on), said, and tried again
+-- LOCK_RETRY s later, doubling up to LOCK_RETRY_MAX, until it gets its
+-- locks.
+local LOCK_WAIT = "SET LOCAL lock_timeout = '1s'"
+local LOCK_RETRY, LOCK_RETRY_MAX = 2, 30
 
 local SCHEMA = [[CREATE TABLE IF NOT EXISTS paygate_migrations (
   version BIGINT PRIMARY KEY, name TEXT NOT NULL,
@@ -274,15 +285,20 @@ function _M.run(db, dir)
   end
   -- what the run found, logged once it committed (the transaction may
   -- run its function again: each run starts them afresh)
-  local changed, filled
-  local applied, terr = db:transaction(function(tx)
-    changed, filled = {}, {}
+  local changed, filled, took, said
+  local function run(tx)
+    changed, filled, took = {}, {}, {}
     if tx.engine == "postgres" then
       -- The lock first: LOCK TABLE takes no snapshot, so even under a
       -- REPEATABLE READ or SERIALIZABLE default the SELECT below (which
-      -- does) sees what the previous holder committed.
+      -- does) sees what the previous holder committed. (Waited for as
+      -- long as it takes: another run holds it; then the migrations'
+      -- own locks, at most LOCK_WAIT each.)
       local _, lerr = tx:exec("LOCK TABLE paygate_migrations IN SHARE ROW"
                               .. " EXCLUSIVE MODE")
+      if not lerr then
+        _, lerr = tx:exec(LOCK_WAIT)
+      end
       if lerr then
         return nil, lerr
       end
@@ -333,7 +349,19 @@ function _M.run(db, dir)
         tostring(ahead.name), newest and string.format("%d (%s)",
         newest.version, newest.name) or "none"), { retryable = false })
     end
-    local applied = {}
+    local applied, pending = {}, {}
+    for _, m in ipairs(list) do
+      if not done[m.version] then
+        pending[#pending + 1] = m.name
+      end
+    end
+    if #pending > 0 and not said then
+      -- (a big table's index may take minutes: the start waits for it)
+      said = true
+      log().info("migrate: applying " .. #pending .. " migration(s): "
+        .. table.concat(pending, ", ") .. " (the app loads once they are"
+        .. " committed)", { migrations = #pending })
+    end
     for _, m in ipairs(list) do
       local row = done[m.version]
       if row and row.checksum == nil then
@@ -349,11 +377,21 @@ function _M.run(db, dir)
         changed[#changed + 1] = m
       end
       if not row then
+        local t0 = core.mono()
         local ok, merr = tx:exec_script(m.sql)
         if not ok then
+          if merr.code == "55P03" then
+            -- a lock held past LOCK_WAIT: not db:transaction's busy (it
+            -- would try again at once), run's wait below
+            merr = core.error("lock_wait", merr.message,
+                              { retryable = false, code = merr.code })
+          end
           merr.message = "migration " .. m.name .. ": " .. merr.message
+          merr.migration = m.name
           return nil, merr
         end
+        took[#took + 1] = ("%d (%s, %.3f s)"):format(m.version, m.name,
+                                                      core.mono() - t0)
         local _, ierr = tx:exec("INSERT INTO paygate_migrations (version,"
           .. " name, applied_at, checksum) VALUES ($1, $2, $3, $4)",
           { m.version, m.name, core.time(), m.checksum })
@@ -364,9 +402,30 @@ function _M.run(db, dir)
       end
     end
     return applied
-  end, { query_timeout = RUN_TIMEOUT })
+  end
+  local started, retry = core.mono(), LOCK_RETRY
+  local applied, terr
+  while true do
+    applied, terr = db:transaction(run, { query_timeout = RUN_TIMEOUT })
+    if applied or terr.kind ~= "lock_wait" then
+      break
+    end
+    log().warn(("migrate: migration %s waited over 1 s for a lock that another"
+      .. " transaction holds on its table (a long query, or a session"
+      .. " idle in transaction: see pg_stat_activity); rolled back, so"
+      .. " the queries queued behind it go on; trying again in %d s")
+      :format(terr.migration, retry), { migration = terr.migration,
+      retry_in = retry, error = terr.message })
+    core.sleep(retry)
+    retry = math.min(retry * 2, LOCK_RETRY_MAX)
+  end
   if not applied then
     return nil, terr
+  end
+  if #applied > 0 then
+    log().info(("migrate: applied %d migration(s) in %.3f s: %s")
+      :format(#applied, core.mono() - started, table.concat(took, ", ")),
+      { migrations = #applied })
   end
   if #filled > 0 then
     local names = {}
