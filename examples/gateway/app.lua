@@ -13,7 +13,6 @@
 -- the routes, the outbox dispatcher.
 local paygate = require "paygate"
 local sql = require "paygate.sql"
-local migrate = require "paygate.migrate"
 local wechatpay = require "paygate.wechatpay"
 local apikey = require "paygate.apikey"
 local idem = require "paygate.idempotency"
@@ -112,8 +111,7 @@ end
 -- backup agent's group may be meant; the others' bits are not).
 boot.say_store_mode(sql.sqlite_path(g.db))
 do
-  local ok, merr = migrate.run(db, paygate.app_dir .. "/migrations")
-  if not ok then boot.fail("migrations: " .. tostring(merr)) end
+  boot.migrate(db, paygate.app_dir .. "/migrations")
   -- the libraries' own tables, made now rather than on a first request
   assert(audit.ensure_schema(db))
   assert(outbox.setup(db))

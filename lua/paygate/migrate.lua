@@ -347,7 +347,9 @@ function _M.run(db, dir)
         .. " another app's migrations share the database; start the"
         .. " version that knows its schema", ahead.version,
         tostring(ahead.name), newest and string.format("%d (%s)",
-        newest.version, newest.name) or "none"), { retryable = false })
+        newest.version, newest.name) or "none"), { retryable = false,
+        database_newest = ahead.version,
+        app_newest = newest and newest.version or 0 })
     end
     local applied, pending = {}, {}
     for _, m in ipairs(list) do

@@ -54,6 +54,41 @@ function _M.fail(msg)
   _M.exit("gw:start_error", msg, 1)
 end
 
+--- syntax: boot.migrate(db, dir) -- the store's migrations (migrate.run)
+-- A store holding a migration newer than this version's is refused (a
+-- rollback of the binary: this code does not know that schema), but only
+-- at a generation's first load: a start or a reload. A worker of a
+-- generation that loaded already, restarted by the master after it died,
+-- goes on with a warning: in a rolling upgrade the newer instance
+-- migrated the store under the older ones, which serve on beside it (the
+-- migrations are written for the code on both sides), and their
+-- restarted workers load the same code on the same schema. Was: refused,
+-- exit 1 at every restart, the older instance losing its workers one by
+-- one until it served nothing (the upgrade trial). Any other migration
+-- error ends the worker (boot.fail).
+function _M.migrate(db, dir)
+  local migrate = require "paygate.migrate"
+  local d = shared.get_dict("paygate")
+  local key = "gw:migrated:" .. tostring(paygate.runtime.generation or 0)
+  local ok, err = migrate.run(db, dir)
+  if ok then
+    d:set(key, 1)
+    return
+  end
+  if type(err) == "table" and err.database_newest and d:get(key) then
+    paygate.log.warn("gateway: the store holds migration "
+      .. err.database_newest .. ", newer than this version's newest ("
+      .. err.app_newest .. "): a newer version migrated it while this one"
+      .. " serves (a rolling upgrade); this restarted worker serves on"
+      .. " beside the others of its generation. Replace this version:"
+      .. " a start or a reload of it is refused on this store",
+      { database_newest = err.database_newest,
+        app_newest = err.app_newest })
+    return
+  end
+  _M.fail("migrations: " .. tostring(err))
+end
+
 --- syntax: v = boot.reach(what, url, open, key)
 -- open() -> v or nil, err. Returns v; an error that is not retryable, or
 -- one still there after WAIT seconds, ends the worker (boot.fail). open()
