@@ -292,13 +292,10 @@ function _M.run(db, dir)
       -- The lock first: LOCK TABLE takes no snapshot, so even under a
       -- REPEATABLE READ or SERIALIZABLE default the SELECT below (which
       -- does) sees what the previous holder committed. (Waited for as
-      -- long as it takes: another run holds it; then the migrations'
-      -- own locks, at most LOCK_WAIT each.)
+      -- long as it takes: another run holds it. The migrations' own
+      -- locks, below, at most LOCK_WAIT each.)
       local _, lerr = tx:exec("LOCK TABLE paygate_migrations IN SHARE ROW"
                               .. " EXCLUSIVE MODE")
-      if not lerr then
-        _, lerr = tx:exec(LOCK_WAIT)
-      end
       if lerr then
         return nil, lerr
       end
@@ -355,6 +352,14 @@ function _M.run(db, dir)
     for _, m in ipairs(list) do
       if not done[m.version] then
         pending[#pending + 1] = m.name
+      end
+    end
+    if #pending > 0 and tx.engine == "postgres" then
+      -- (only for the migrations' statements: the bookkeeping above
+      -- waits as before)
+      local _, lerr = tx:exec(LOCK_WAIT)
+      if lerr then
+        return nil, lerr
       end
     end
     if #pending > 0 and not said then
