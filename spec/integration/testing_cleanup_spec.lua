@@ -75,7 +75,9 @@ local function naming(dirs)
   local found = {}
   for _, name in ipairs(core.listdir("/proc") or {}) do
     if name:match("^%d+$") then
-      local cmd = testing.read("/proc/" .. name .. "/cmdline")
+      -- (a process that ended since the listing has no cmdline: nil, not
+      -- an error -- other specs' processes come and go meanwhile)
+      local cmd = (testing.read("/proc/" .. name .. "/cmdline") or "")
                   :gsub("%z", " ")
       for _, d in ipairs(dirs) do
         if cmd:find(d, 1, true) then
