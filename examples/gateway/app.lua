@@ -97,8 +97,7 @@ if new_file and require("paygate.core").file_type(new_file) ~= nil then
 end
 local db = boot.reach("the store", g.db, function() return sql.open(g.db) end,
                       "gateway.db")
-if new_file and shared.get_dict("paygate"):add("gw:new_db:"
-     .. tostring(paygate.runtime.generation or 0), 1, 60) then
+if new_file and boot.once("new_db") then
   -- (a file deleted, or a volume not mounted, would be taken for a first
   -- start without a word, and every payment before it for unknown)
   paygate.log.warn("gateway: made a new, empty SQLite database: on a first"
@@ -167,8 +166,7 @@ end
 local cfg_now = g.degraded and 1 or 0
 if not D:add("gw:degraded_config", cfg_now)
    and D:get("gw:degraded_config") ~= cfg_now
-   and D:add("gw:degraded_config_changed:"
-             .. tostring(paygate.runtime.generation or 0), 1, 60) then
+   and boot.once("degraded_config_changed") then
   ctx.set_degraded(g.degraded)
   D:set("gw:degraded_config", cfg_now)
   paygate.log.warn("gateway: gateway.degraded changed in the config: the"
@@ -184,8 +182,7 @@ end
 do
   local msg, fields = config.unnamed_webhooks(g)
   if msg and paygate.runtime.mode == "worker"
-     and D:add("gw:unnamed_webhooks:"
-               .. tostring(paygate.runtime.generation or 0), 1, 60) then
+     and boot.once("unnamed_webhooks") then
     paygate.log.warn(msg, fields)
   end
 end

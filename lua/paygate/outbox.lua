@@ -937,11 +937,16 @@ end
 -- where it is defined (its return cannot be located).
 -- A bare `return false` is a failure too, and its last_error names the
 -- hook the same way (was: "returned false", no hook named).
+-- A frame's or a function's file as its author names it (debug.getinfo's
+-- "S" info: a chunk loaded from a file is "@path").
+local function source_of(info)
+  return info.source:sub(1, 1) == "@" and info.source:sub(2)
+         or info.short_src
+end
+
 local function hook_where(fn)
   local info = debug.getinfo(fn, "S")
-  local src = info.source:sub(1, 1) == "@" and info.source:sub(2)
-              or info.short_src
-  return src .. ":" .. tostring(info.linedefined)
+  return source_of(info) .. ":" .. tostring(info.linedefined)
 end
 
 local function hook_result(fn, event, ...)
@@ -1550,8 +1555,7 @@ local function waiting_at(co)
     local info = debug.getinfo(co, level, "Sl")
     if not info then break end
     if info.what ~= "C" and info.currentline and info.currentline > 0 then
-      local src = info.source:sub(1, 1) == "@" and info.source:sub(2)
-                  or info.short_src
+      local src = source_of(info)
       local at = src .. ":" .. info.currentline
       first = first or at
       if LIB_DIR == "" or src:sub(1, #LIB_DIR) ~= LIB_DIR then

@@ -6,11 +6,7 @@
 local proc = require "support.proc"
 local servers = require "spec.support.servers"
 
-local function blocks(text)
-  local out = {}
-  for body in text:gmatch("```lua\n(.-)```") do out[#out + 1] = body end
-  return out
-end
+local function blocks(text) return servers.code_blocks(text, "lua") end
 
 describe("docs/testing.md", function()
   local dir = servers.mktemp()

@@ -509,6 +509,17 @@ function _M.kill_writer(url, out, mode)
 end
 
 -- A fresh temporary directory (removed by the caller, or at the run's end).
+--- syntax: list = servers.code_blocks(text, lang)
+-- The bodies of a Markdown page's fenced blocks of lang ("lua"), in
+-- order: what a docs spec runs as the page gives it.
+function _M.code_blocks(text, lang)
+  local out = {}
+  for body in text:gmatch("```" .. lang .. "\n(.-)```") do
+    out[#out + 1] = body
+  end
+  return out
+end
+
 --- syntax: m = servers.file_mode(path) -- "600", "644", ...
 function _M.file_mode(path)
   return (read_cmd("stat -c %a '" .. path .. "'"):gsub("%s+$", ""))

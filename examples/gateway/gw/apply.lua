@@ -335,6 +335,16 @@ function _M.merchant(p)
   return merchant_of(p.mchid, sub and p.mchid, sub)
 end
 
+-- Whether WeChat's resource r, come through o's route (o.mchid), is about
+-- payment row p's money: the merchant r names (mchid, or sp/sub for a
+-- service provider's) is p's, and so is the route's. returns: that, and
+-- p's merchant and r's (for the messages).
+local function owns(p, r, o)
+  local want = _M.merchant(p)
+  local got = merchant_of(r.mchid, r.sp_mchid, r.sub_mchid)
+  return got == want and (o.mchid == nil or o.mchid == p.mchid), want, got
+end
+
 -- Records the business key; false when another notification (or a query)
 -- applied it already.
 local function claim(tx, key, by, now)
@@ -436,9 +446,8 @@ function _M.payment(ctx, tx, o)
   -- through: a notification verified with one merchant's keys is no word
   -- on another's payment. (gw.notify_atomic takes only the owner this
   -- accepts.)
-  local want = _M.merchant(p)
-  local got = merchant_of(r.mchid, r.sp_mchid, r.sub_mchid)
-  if got ~= want or (o.mchid ~= nil and o.mchid ~= p.mchid) then
+  local mine, want, got = owns(p, r, o)
+  if not mine then
     -- both named (sp/sub for a service provider's): whose order came, and
     -- whose payment it is not
     return nil, paygate.error("merchant_mismatch", "payment " .. p.id
@@ -745,11 +754,7 @@ local function refund_outside(tx, r, o)
   p, err = model.payment(tx, rows[1].payment_id)
   if p == nil then return nil, err end
   if not p then return false end
-  local want = _M.merchant(p)
-  if merchant_of(r.mchid, r.sp_mchid, r.sub_mchid) ~= want
-     or (o.mchid ~= nil and o.mchid ~= p.mchid) then
-    return false
-  end
+  if not owns(p, r, o) then return false end
   local status = r.refund_status or r.status
   if status == "CLOSED" then return "ignored" end
   local a = type(r.amount) == "table" and r.amount or {}
@@ -790,9 +795,8 @@ function _M.refund(ctx, tx, o)
   local p
   p, err = model.payment(tx, rf.payment_id)
   if not p then return nil, err or paygate.error("not_found", "payment") end
-  local want = _M.merchant(p)
-  local got = merchant_of(r.mchid, r.sp_mchid, r.sub_mchid)
-  if got ~= want or (o.mchid ~= nil and o.mchid ~= p.mchid) then
+  local mine, want, got = owns(p, r, o)
+  if not mine then
     return alarm(tx, p, rf, { expected = want, got = got,
       route = o.mchid, out_refund_no = no,
       notification_id = o.notification_id, source = o.source,

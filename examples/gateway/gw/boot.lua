@@ -22,6 +22,15 @@ local function first_line(err)
   return (tostring(s):match("^[^\n]*"))
 end
 
+--- syntax: first = boot.once(name)
+-- true for the first worker of this code generation to ask (name: what
+-- is said once per start or reload), false for the others: the shared
+-- dictionary outlives a reload, so the claim is per generation.
+function _M.once(name)
+  return shared.get_dict("paygate"):add("gw:" .. name .. ":"
+    .. tostring(paygate.runtime.generation or 0), 1, 60) and true or false
+end
+
 --- syntax: boot.exit(key, msg, status)
 -- One line "gateway: msg" on stderr, then exit with status. Every worker
 -- fails alike: the first to claim the shared key writes the line (one
@@ -172,9 +181,7 @@ function _M.say_store_mode(path)
       open[#open + 1] = ("%s (%o)"):format(f, mode)
     end
   end
-  if not open[1] or not shared.get_dict("paygate"):add(
-       "gw:store_mode:" .. tostring(paygate.runtime.generation or 0), 1, 60)
-  then
+  if not open[1] or not _M.once("store_mode") then
     return
   end
   paygate.log.warn("gateway: the SQLite store can be read by every local"
@@ -189,9 +196,7 @@ end
 function _M.say_restored(db)
   if paygate.runtime.mode ~= "worker" then return end
   local info = _M.restored(db)
-  if not (info and info.days[1]) or not shared.get_dict("paygate"):add(
-       "gw:restored:" .. tostring(paygate.runtime.generation or 0), 1, 60)
-  then
+  if not (info and info.days[1]) or not _M.once("restored") then
     return
   end
   paygate.log.warn("gateway: this store was restored from a backup: it"
@@ -243,8 +248,7 @@ end
 -- them.
 function _M.say_unconfigured(found)
   if paygate.runtime.mode ~= "worker" or not next(found)
-     or not shared.get_dict("paygate"):add("gw:unconfigured:"
-          .. tostring(paygate.runtime.generation or 0), 1, 60) then
+     or not _M.once("unconfigured") then
     return
   end
   local ids = {}
@@ -269,24 +273,6 @@ end
 -- mchid, the serial requests are signed under, the WeChat Pay public key
 -- id (public-key and migration mode), the verification mode and the
 -- appids. No secret: a serial and a key id are sent in every request.
---- syntax: t = boot.merchant_summary(cfg, wx)
-function _M.merchant_summary(cfg, wx)
-  local t = {}
-  for _, m in ipairs(cfg.merchants) do
-    local c = wx[m.mchid] and wx[m.mchid].conf or {}
-    local appids = {}
-    for a in pairs(m.appids or {}) do appids[#appids + 1] = a end
-    table.sort(appids)
-    t[m.mchid] = { merchant_serial = c.merchant_serial,
-                   public_key_id = c.public_key_id, mode = c.mode,
-                   appids = table.concat(appids, ",") }
-  end
-  return t
-end
-
--- what each line names, in this order
-local WATCHED = { "merchant_serial", "public_key_id", "mode", "appids" }
-
 local function sorted_keys(t)
   local ks = {}
   for k in pairs(t) do ks[#ks + 1] = k end
@@ -294,20 +280,30 @@ local function sorted_keys(t)
   return ks
 end
 
+--- syntax: t = boot.merchant_summary(cfg, wx)
+function _M.merchant_summary(cfg, wx)
+  local t = {}
+  for _, m in ipairs(cfg.merchants) do
+    local c = wx[m.mchid] and wx[m.mchid].conf or {}
+    t[m.mchid] = { merchant_serial = c.merchant_serial,
+                   public_key_id = c.public_key_id, mode = c.mode,
+                   appids = table.concat(sorted_keys(m.appids or {}), ",") }
+  end
+  return t
+end
+
+-- what each line names, in this order
+local WATCHED = { "merchant_serial", "public_key_id", "mode", "appids" }
+
 --- syntax: lines = boot.merchant_changes(before, now)
 -- before, now: merchant_summary()s. returns: { { msg, fields }, ... },
 -- one per merchant added or removed and one per watched value changed,
 -- by mchid; empty when nothing changed.
 function _M.merchant_changes(before, now)
-  local out = {}
-  local ids, seen = {}, {}
-  for _, t in ipairs({ before, now }) do
-    for mchid in pairs(t) do
-      if not seen[mchid] then ids[#ids + 1], seen[mchid] = mchid, true end
-    end
-  end
-  table.sort(ids)
-  for _, mchid in ipairs(ids) do
+  local out, all = {}, {}
+  for mchid in pairs(before) do all[mchid] = true end
+  for mchid in pairs(now) do all[mchid] = true end
+  for _, mchid in ipairs(sorted_keys(all)) do
     local a, b = before[mchid], now[mchid]
     if not a then
       out[#out + 1] = { "gateway: reload: merchant " .. mchid .. " added"
@@ -351,8 +347,7 @@ function _M.say_merchant_changes(cfg, wx)
   local now = _M.merchant_summary(cfg, wx)
   local kept = d:get(SUMMARY_KEY)
   local old = kept and json.decode(kept)
-  if old and old.gen >= gen
-     or not d:add("gw:merchant_changes:" .. tostring(gen), 1, 60) then
+  if old and old.gen >= gen or not _M.once("merchant_changes") then
     return
   end
   d:set(SUMMARY_KEY, json.encode({ gen = gen, merchants = now }))

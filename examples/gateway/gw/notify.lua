@@ -232,12 +232,13 @@ function _M.handler(req)
     unknown_target(mchid, event, after)
     return fail(after.kind)
   end
+  -- the order (and refund) it was about, named by the lines below as the
+  -- unknown-target line and the WeChat call lines name them
+  local r = type(event.resource) == "table" and event.resource or {}
   if not outcome then
-    -- the order (or refund) and the merchant it names, as the other
-    -- notification lines do (a merchant_mismatch's message names the
+    -- and the merchant it names (a merchant_mismatch's message names the
     -- payment's merchant and the notification's, sp/sub for a service
     -- provider's: was the payment id alone)
-    local r = type(event.resource) == "table" and event.resource or {}
     paygate.log.warn("gateway: notification not applied", {
       id = event.id, kind = after and after.kind,
       error = tostring(after), event_type = event.event_type,
@@ -245,9 +246,6 @@ function _M.handler(req)
       out_trade_no = r.out_trade_no, out_refund_no = r.out_refund_no })
     return fail(after and after.kind or "error")
   end
-  -- the order (and refund) it was about, as the unknown-target line and
-  -- the WeChat call lines name them: was only the notification's id
-  local r = type(event.resource) == "table" and event.resource or {}
   paygate.log.info("gateway: notification " .. outcome, { id = event.id,
                    event_type = event.event_type, mchid = mchid,
                    out_trade_no = r.out_trade_no,

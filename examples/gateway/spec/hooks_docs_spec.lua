@@ -4,12 +4,9 @@
 -- spec in spec/hooks_spec.lua beside it, `paygate exec busted` run in that
 -- folder. The page cannot drift from what works.
 local testing = require "paygate.testing"
+local servers = require "spec.support.servers"
 
-local function blocks(text)
-  local out = {}
-  for body in text:gmatch("```lua\n(.-)```") do out[#out + 1] = body end
-  return out
-end
+local function blocks(text) return servers.code_blocks(text, "lua") end
 
 describe("docs/gateway.md's hooks and their spec", function()
   teardown(testing.stop_all)

@@ -497,8 +497,7 @@ local function main(args)
     local detail, itself, own
     if key then
       local ktype = key.key_type and key:key_type() or key:type()
-      own = ktype == "SM2" and "WECHATPAY2-SM2-WITH-SM3"
-            or "WECHATPAY2-SHA256-RSA2048"
+      own = verify.SIG_TYPE_OF[ktype] or verify.DEFAULT_SIG_TYPE
       itself = crypto.verify_base64(key, verify.message(h.timestamp,
         h.nonce, body), h.signature, own)
       detail = itself and ("the signature itself verifies with " .. serial
@@ -751,8 +750,7 @@ local function main(args)
     -- the key's own scheme: when the signature verifies under it, the key
     -- is the signer's and only the type header is wrong (its fix is not
     -- another variant's key)
-    local own = ktype == "SM2" and "WECHATPAY2-SM2-WITH-SM3"
-                or ktype == "RSA" and "WECHATPAY2-SHA256-RSA2048" or nil
+    local own = verify.SIG_TYPE_OF[ktype]
     if own and crypto.verify_base64(key, verify.message(h.timestamp,
          h.nonce, body), h.signature, own) then
       out:fail("algorithm", "Wechatpay-Signature-Type " .. tostring(h.sig_type)

@@ -194,6 +194,9 @@ end
 -- (paygate verify names a message of the other variant than its keys by
 -- them too)
 _M.FAMILY_OF, _M.sig_family = FAMILY_OF, sig_family
+-- and the type a key of each family signs as (FAMILY_OF turned round)
+_M.SIG_TYPE_OF = {}
+for t, family in pairs(FAMILY_OF) do _M.SIG_TYPE_OF[family] = t end
 
 -- The type an answer without Wechatpay-Signature-Type is of.
 _M.DEFAULT_SIG_TYPE = "WECHATPAY2-SHA256-RSA2048"
