@@ -152,6 +152,7 @@ INSERT INTO pad (n, v) SELECT n, hex(randomblob(100)) FROM c]]))
     -- (a copy written as the store's -journal would be taken for a hot
     -- journal at the store's next open, and removed)
     for _, dest in ipairs({ store, store .. "-wal", store .. "-journal",
+                            store .. "-turn",
                             tmp .. "/./" .. store:match("[^/]+$")
                               .. "-journal" }) do
       local code, out = backup(url, dest, "--force")

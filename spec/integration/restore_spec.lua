@@ -104,6 +104,7 @@ describe("paygate restore", function()
     assert.equal(was, digest(copy))             -- only read
     assert.is_false(exists(copy .. "-wal"))
     assert.is_false(exists(store .. ".restore"))
+    assert.is_false(exists(store .. ".restore-turn"))
 
     db = assert(sql.open(url))
     -- the copy's rows, and none of those made after it
@@ -166,5 +167,6 @@ describe("paygate restore", function()
     end
     assert.equal(before, digest(store))
     assert.is_false(exists(store .. ".restore"))
+    assert.is_false(exists(store .. ".restore-turn"))
   end)
 end)

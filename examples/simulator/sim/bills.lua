@@ -482,22 +482,24 @@ function _M.download(ctx, req, m)
   return 200, csv, { ["Content-Type"] = "text/csv; charset=utf-8" }
 end
 
---- syntax: ok, err = bills.close(ctx, bill_date)
+--- syntax: cutoff, err, status = bills.close(ctx, bill_date)
 -- Makes the day's bills ready now (control API): records of that day up
--- to now. A day closed already keeps its first cutoff.
+-- to now. A day closed already keeps its first cutoff. On failure,
+-- status says whose: 400 (the date) or 500 (the store).
 function _M.close(ctx, date)
   local start, why = _M.day_start(date)
-  if not start then return nil, why end
+  if not start then return nil, why, 400 end
   local now = core.time()
-  if start > now then return nil, "bill_date is in the future" end
+  if start > now then return nil, "bill_date is in the future", 400 end
   local cut = now < start + DAY and now or start + DAY
   local res, err = ctx.db:exec("INSERT INTO sim_bill_days (bill_date, "
     .. "cutoff) VALUES ($1, $2) ON CONFLICT (bill_date) DO NOTHING",
     { date, cut })
-  if not res then return nil, tostring(err) end
-  local rows = ctx.db:query("SELECT cutoff FROM sim_bill_days WHERE "
-                            .. "bill_date = $1", { date })
-  return rows and rows[1] and rows[1].cutoff or cut
+  if not res then return nil, tostring(err), 500 end
+  local rows, qerr = ctx.db:query("SELECT cutoff FROM sim_bill_days WHERE "
+                                  .. "bill_date = $1", { date })
+  if not rows then return nil, tostring(qerr), 500 end
+  return rows[1] and rows[1].cutoff or cut
 end
 
 --- syntax: bills.routes(ctx) -- the /v3 bill routes, through ctx.api

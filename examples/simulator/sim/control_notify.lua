@@ -35,9 +35,11 @@ function _M.routes(ctx)
       why = 'bill_date must be a string "YYYY-MM-DD"'
     end
     if why then return answer(400, { code = "PARAM_ERROR", message = why }) end
-    local cut, err = bills.close(ctx, b.bill_date)
+    local cut, err, status = bills.close(ctx, b.bill_date)
     if not cut then
-      return answer(400, { code = "PARAM_ERROR", message = tostring(err) })
+      -- (the store failing is not the caller's date)
+      return answer(status, { code = status == 500 and "SYSTEM_ERROR"
+                                or "PARAM_ERROR", message = tostring(err) })
     end
     return answer(200, { bill_date = b.bill_date, cutoff = cut })
   end)

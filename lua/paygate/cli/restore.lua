@@ -105,7 +105,7 @@ local function copy_file(src, dst)
 end
 
 local function remove_work(work)
-  for _, s in ipairs({ "", "-wal", "-shm", "-journal" }) do
+  for _, s in ipairs({ "", "-wal", "-shm", "-journal", "-turn" }) do
     os.remove(work .. s)
   end
 end

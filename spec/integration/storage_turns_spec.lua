@@ -1,0 +1,95 @@
+-- Writers of several processes on one SQLite file (the workers of an
+-- app) take turns: SQLite's own wait for its write lock is not fair
+-- between processes (a busy handler that sleeps up to 100 ms between
+-- tries, against a writer that takes the lock again microseconds after
+-- each COMMIT), and one process writing flat out could keep its
+-- neighbour's batch waiting past busy_timeout: writes failed "busy".
+local core = require "paygate.core"
+local sql = require "paygate.sql"
+local servers = require "spec.support.servers"
+local proc = require "spec.support.proc"
+
+local BIN = os.getenv("PAYGATE_BIN") or "build/paygate"
+local SECONDS, BUSY_MS = 4, 500
+
+local tmp = servers.mktemp()
+
+teardown(function()
+  servers.sh("rm -rf " .. tmp)
+end)
+
+local function mode_of(path)
+  return servers.read_cmd("stat -c %a " .. path):match("%d+")
+end
+
+describe("sqlite writers of two processes", function()
+  it("take turns: writing flat out, neither waits out busy_timeout",
+     function()
+    local path = tmp .. "/flat.db"
+    local db = assert(sql.open("sqlite:" .. path))
+    assert(db:exec("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)"))
+    db:close()
+    local start_at = core.time() + 1.0
+    local list = {}
+    for i = 1, 2 do
+      list[i] = proc.spawn({ BIN, "exec", "spec/support/flat_writer.lua",
+                             path, string.format("%.3f", start_at),
+                             tostring(SECONDS), tostring(BUSY_MS) },
+                           { log = tmp .. "/w" .. i .. ".out" })
+    end
+    local lines = {}
+    for i, p in ipairs(list) do
+      local rc = p:wait(SECONDS + 30)
+      if rc == nil then
+        p:kill(proc.SIGKILL)
+        p:wait(5)
+      end
+      lines[i] = proc.read(p.log) or ""
+      assert(rc == 0, "writer " .. i .. " exited with " .. tostring(rc)
+             .. ": " .. lines[i])
+    end
+    local all = table.concat(lines)
+    for i, line in ipairs(lines) do
+      local writes, failed = line:match("writes=(%d+) failed=(%d+)")
+      assert(writes, "writer " .. i .. ": " .. line)
+      assert.is_true(tonumber(writes) > 0, all)
+      assert.equal(0, tonumber(failed), "writer " .. i .. " (busy_timeout "
+                   .. BUSY_MS .. " ms): " .. all)
+    end
+    -- what they wrote is there, once
+    db = assert(sql.open("sqlite:" .. path))
+    local n = db:query("SELECT count(*) AS c FROM t")[1].c
+    db:close()
+    local sum = 0
+    for w in all:gmatch("writes=(%d+)") do sum = sum + tonumber(w) end
+    assert.equal(sum, n)
+  end)
+
+  it("ask for turns through PATH-turn, made 0600 beside the file",
+     function()
+    local path = tmp .. "/mode.db"
+    local db = assert(sql.open("sqlite:" .. path))
+    assert(db:exec("CREATE TABLE t (v TEXT)"))
+    db:close()
+    assert.equal("file", core.file_type(path .. "-turn"))
+    assert.equal("600", mode_of(path .. "-turn"))
+  end)
+
+  it("write as before where PATH-turn cannot be opened, and follow no"
+     .. " link there", function()
+    -- a folder in its place: writes wait as SQLite waits
+    local path = tmp .. "/dir.db"
+    assert(servers.sh("mkdir " .. path .. "-turn"))
+    local db = assert(sql.open("sqlite:" .. path))
+    assert(db:exec("CREATE TABLE t (v TEXT)"))
+    assert(db:exec("INSERT INTO t (v) VALUES ('a')"))
+    db:close()
+    -- a link planted there is not followed (nothing made where it points)
+    local linked = tmp .. "/link.db"
+    assert(servers.sh("ln -s " .. tmp .. "/elsewhere " .. linked .. "-turn"))
+    db = assert(sql.open("sqlite:" .. linked))
+    assert(db:exec("CREATE TABLE t (v TEXT)"))
+    db:close()
+    assert.is_nil(core.file_type(tmp .. "/elsewhere"))
+  end)
+end)
