@@ -452,6 +452,10 @@ gw_req_start(struct gw_conn *c)
      * request's first byte (a slow but steady upload is body_timeout's
      * business, and would otherwise reach its handler already late) */
     c->deadline = gw_loop_mono() + gw_srv.conf.request_timeout;
+    if (gw_srv.conf.on_start != NULL) {
+        gw_srv.conf.on_start(c->head.method, c->head.method_len,
+                             c->head.path, c->head.path_len, c->request_id);
+    }
 
     lua_rawgeti(L, LUA_REGISTRYINDEX, gw_srv.dispatch_ref);
     gw_lreq_push(L, c);

@@ -41,6 +41,12 @@ struct gw_server_conf {
     void (*on_request)(const char *method, size_t method_len,
                        const char *route, size_t route_len, int status,
                        double seconds);
+    /* Called as a request's handler starts (its method, its path without
+     * the query, its id), before any Lua runs; may be NULL. For the
+     * process layer's loop-stall watchdog: it must stay cheap (no system
+     * call, no lock), as it runs on every request. */
+    void (*on_start)(const char *method, size_t method_len,
+                     const char *path, size_t path_len, const char *id);
     /* Called once per edge event (enum gw_edge_event), to be counted;
      * may be NULL. */
     void (*on_event)(int event);

@@ -24,6 +24,7 @@
 #include "lstate.h"
 #include "metrics.h"
 #include "tls.h"
+#include "watchdog.h"
 
 void
 gw_opts_defaults(struct gw_opts *o)
@@ -35,6 +36,7 @@ gw_opts_defaults(struct gw_opts *o)
     snprintf(o->admin, sizeof(o->admin), "127.0.0.1:9090");
     o->workers = n > 0 ? (int) n : 1;
     o->shutdown_timeout = 30;
+    o->loop_stall = GW_LOOP_STALL_DEFAULT;
     o->log_level = GW_LOG_INFO;
     gw_server_conf_defaults(&o->server);
     o->server.on_request = gw_metrics_request;   /* counted per worker */
@@ -51,7 +53,9 @@ struct key {
     const char *name;
     int         type;           /* 's' string, 'n' number, 'i' integer,
                                    '0' integer that may be 0 (off),
-                                   'b' boolean, 'z' size in bytes */
+                                   'b' boolean, 'z' size in bytes,
+                                   'w' seconds of at least
+                                   GW_WATCHDOG_MIN, or false or 0 (off) */
     size_t      off;
     size_t      size;           /* for strings: buffer size */
 };
@@ -97,6 +101,7 @@ static const struct key limit_keys[] = {
     { "keepalive_timeout", 'n', L_(keepalive_timeout) },
     { "keepalive_requests", 'i', L_(keepalive_requests) },
     { "request_timeout", 'n', L_(request_timeout) },
+    { "loop_stall", 'w', N(loop_stall) },
     { NULL, 0, 0, 0 }
 };
 
@@ -266,6 +271,22 @@ read_keys(lua_State *L, int t, const char *where, const struct key *keys,
                 return GW_ERR;
             }
             *(int *) ((char *) o + k->off) = lua_toboolean(L, -1);
+        } else if (k->type == 'w') {
+            /* a watchdog's limit: false (or 0) turns it off; true says
+             * nothing of how long, so it is refused with the rest */
+            double v = lua_type(L, -1) == LUA_TNUMBER ? lua_tonumber(L, -1)
+                                                      : -1;
+
+            if (lua_type(L, -1) == LUA_TBOOLEAN && !lua_toboolean(L, -1)) {
+                v = 0;
+            }
+            if (!(v == 0 || (v >= GW_WATCHDOG_MIN && v <= 1e9))) {
+                snprintf(err, errlen, "%s.%s must be a number of seconds "
+                         "(at least %d), or false or 0 (off)", where, name,
+                         GW_WATCHDOG_MIN);
+                return GW_ERR;
+            }
+            *(double *) ((char *) o + k->off) = v;
         } else {
             double v;
 
@@ -533,7 +554,7 @@ diff_keys(const struct key *keys, const char *prefix,
 
         if (k->type == 's') {
             same = strcmp(pa, pb) == 0;
-        } else if (k->type == 'n') {
+        } else if (k->type == 'n' || k->type == 'w') {
             same = *(const double *) pa == *(const double *) pb;
         } else if (k->type == 'z') {
             same = *(const size_t *) pa == *(const size_t *) pb;

@@ -32,6 +32,10 @@ struct gw_opts {
                                              rotations (session life) */
     int                   workers;        /* processes; >= 1 */
     double                shutdown_timeout; /* s to drain on TERM */
+    double                loop_stall;     /* s a worker's loop may go
+                                             without turning before the
+                                             master kills it (0: never;
+                                             limits.loop_stall) */
     enum gw_log_level     log_level;
     struct gw_server_conf server;
     struct {
@@ -47,6 +51,12 @@ struct gw_opts {
 
 /* The most workers `paygate run` takes (--workers, config workers). */
 #define GW_MAX_WORKERS 128
+
+/* limits.loop_stall's default (s): the default request_timeout, so no
+ * request of a worker killed for it could still have been answered in
+ * time; far above any synchronous work a loop turn should do (a 4096-bit
+ * RSA key is made in about a second). */
+#define GW_LOOP_STALL_DEFAULT 30
 
 /* Defaults: 127.0.0.1:8080, admin 127.0.0.1:9090, a worker per core. */
 void gw_opts_defaults(struct gw_opts *o);

@@ -31,12 +31,14 @@
 #include "metrics.h"
 #include "shdict.h"
 #include "tls.h"
+#include "watchdog.h"
 #include "worker.h"
 
 #define MAX_WORKERS (2 * GW_MAX_WORKERS)  /* two generations during a reload */
 #define READY_TIMEOUT 60.0      /* s for a new worker to load the app */
 #define ADMIN_MAX_CONNS 64      /* admin clients at once; more wait */
 #define ADMIN_DEADLINE 5.0      /* s from accept to a whole request head */
+#define WATCHDOG_EVERY 0.5      /* s between the watchdog's looks */
 
 enum wstate { W_FREE, W_STARTING, W_READY, W_DRAINING };
 
@@ -49,6 +51,9 @@ struct gw_worker {
                                    'R' or 'F', we answer 'G'), or -1 */
     struct event *ready_ev;     /* owned: watches ready_fd until 'R'/'F' */
     double        started;      /* s */
+    double        stalled;      /* s its loop had not turned when the
+                                   watchdog killed it, or 0 */
+    int           stalled_loading; /* it was loading the app then */
 };
 
 static struct {
@@ -82,6 +87,8 @@ static struct {
     struct event     *admin_ev;     /* owned */
     struct event     *admin_pause;  /* owned: re-arms admin_ev */
     struct event     *ticket_ev;    /* owned: rotates the TLS ticket key */
+    struct event     *watchdog_ev;  /* owned: on_watchdog, or NULL when
+                                       limits.loop_stall is off */
     int               admin_conns;  /* open admin connections */
     struct bufferevent *admin_bev[ADMIN_MAX_CONNS]; /* them, or NULL: a
                                        worker closes their fds after fork */
@@ -184,6 +191,19 @@ take_pending_ready(struct gw_worker *wk, char *buf, size_t len)
         announce();
     }
     return n > 0 ? n : 0;
+}
+
+/* Why a reload is refused for a new worker the watchdog killed. */
+static void
+stall_reason(const struct gw_worker *wk, char *why, size_t len)
+{
+    snprintf(why, len, "a new worker stalled %s (its event loop did not "
+             "turn for %.0f s, limits.loop_stall): %s that never yields, or "
+             "a call that blocks", wk->stalled_loading
+             ? "while loading the app" : "after loading the app",
+             wk->stalled, wk->stalled_loading
+             ? "its app.lua (or a module it requires)"
+             : "a task or timer it started");
 }
 
 /* Why a reload is refused for a new worker that said 'F' (n bytes in buf,
@@ -436,7 +456,11 @@ on_ready(evutil_socket_t fd, short what, void *arg)
     if (wk->gen == m.next_gen) {
         char why[400];
 
-        load_failure(buf, n, why, sizeof(why));
+        if (wk->stalled > 0 && n <= 0) {
+            stall_reason(wk, why, sizeof(why));     /* killed for it */
+        } else {
+            load_failure(buf, n, why, sizeof(why));
+        }
         reload_abort(why);
     } else if (!m.served && !m.stopping) {
         m.failed_start = 1;
@@ -464,6 +488,7 @@ spawn_worker(int gen)
         gw_metrics_retire(slot);        /* the reservation, if any */
         return GW_ERR;
     }
+    gw_watchdog_arm(slot);      /* judged from now: its load included */
     master = getpid();
     pid = fork();
     if (pid < 0) {
@@ -693,10 +718,79 @@ on_restart(evutil_socket_t fd, short what, void *arg)
     }
 }
 
-static void
-describe_exit(int status, char *buf, size_t len)
+/* What a worker is doing, for the watchdog's line. */
+static const char *
+doing(const struct gw_worker *wk)
 {
-    if (WIFEXITED(status)) {
+    switch (wk->state) {
+    case W_STARTING:
+        return "loading the app";
+    case W_READY:
+        return wk->gen == m.next_gen ? "loaded, waiting for its generation"
+                                     : "serving";
+    case W_DRAINING:
+        return "draining";
+    default:
+        return "stopped";
+    }
+}
+
+/*
+ * The loop-stall watchdog (limits.loop_stall): a worker whose loop has
+ * not marked a turn for longer than the limit (a handler, hook, task or
+ * the app's top level running without yielding, or a call that blocks)
+ * serves nothing, answers no deadline and reads no signal. It is said in
+ * one line, counted, and killed with SIGKILL (it could not run its own
+ * stop); on_chld then replaces it as any worker that died (backoff), or
+ * refuses the reload it was loading, or ends a start it was part of. A
+ * worker is judged in every state: one loading the app from its fork on
+ * (a long load is a stall only past the same limit), one draining too
+ * (its drain deadline is later, and it finishes nothing meanwhile).
+ */
+static void
+on_watchdog(evutil_socket_t fd, short what, void *arg)
+{
+    for (int i = 0; i < MAX_WORKERS; i++) {
+        struct gw_worker *wk = &m.w[i];
+        char last[256];
+        double age;
+        int loading;
+
+        if (wk->pid == 0 || wk->stalled > 0) {
+            continue;       /* free, or killed already: not said twice */
+        }
+        age = gw_watchdog_age(wk->slot);
+        if (age <= m.o->loop_stall) {
+            continue;
+        }
+        loading = wk->state == W_STARTING;
+        gw_watchdog_last(wk->slot, last, sizeof(last));
+        gw_log(GW_LOG_ERROR, "worker %d (index %d, generation %d, %s) "
+               "stalled: its event loop has not turned for %.1f s "
+               "(limits.loop_stall %g s): %s that never yields (a loop, a "
+               "runaway pattern match, a huge synchronous sort), or a call "
+               "that blocks; %s%s; killing it (SIGKILL)", (int) wk->pid, i,
+               wk->gen, doing(wk), age, m.o->loop_stall,
+               loading ? "its app.lua (or a module it requires), a task or "
+                         "a timer"
+                       : "a handler, hook or task",
+               last[0] != '\0' ? "the last request it started: "
+                               : "it has started no request",
+               last);
+        wk->stalled = age;
+        wk->stalled_loading = loading;
+        gw_metrics_worker_stall();
+        kill(wk->pid, SIGKILL);
+    }
+}
+
+static void
+describe_exit(const struct gw_worker *wk, int status, char *buf, size_t len)
+{
+    if (wk->stalled > 0 && WIFSIGNALED(status)
+        && WTERMSIG(status) == SIGKILL) {
+        snprintf(buf, len, "killed by the watchdog (its loop stalled)");
+    } else if (WIFEXITED(status)) {
         snprintf(buf, len, "exited with status %d", WEXITSTATUS(status));
     } else if (WIFSIGNALED(status)) {
         snprintf(buf, len, "killed by signal %d (%s)%s", WTERMSIG(status),
@@ -728,7 +822,7 @@ on_chld(evutil_socket_t sig, short what, void *arg)
         if (wk == NULL) {
             continue;
         }
-        describe_exit(status, why, sizeof(why));
+        describe_exit(wk, status, why, sizeof(why));
         /* it may have said 'R' and died, or said 'F' (and why) and exited,
          * and be reaped here before that was read: waitpid takes every
          * child that has ended, whichever one's exit brought us here */
@@ -744,6 +838,8 @@ on_chld(evutil_socket_t sig, short what, void *arg)
             wk->pid = 0;
             if (said > 0 && msg[0] == 'F') {
                 load_failure(msg, said, reason, sizeof(reason));
+            } else if (wk->stalled > 0) {
+                stall_reason(wk, reason, sizeof(reason));
             } else {
                 snprintf(reason, sizeof(reason), "a new worker died while "
                                                  "loading the app");
@@ -1113,7 +1209,9 @@ gw_master_main(struct gw_opts *o, const struct gw_opts *file)
             return 2;
         }
     }
-    if (gw_metrics_init(MAX_WORKERS) != GW_OK || gw_loop_init() != GW_OK) {
+    if (gw_metrics_init(MAX_WORKERS) != GW_OK
+        || gw_watchdog_init(MAX_WORKERS) != GW_OK
+        || gw_loop_init() != GW_OK) {
         fprintf(stderr, "paygate: cannot set up the master\n");
         return 1;
     }
@@ -1171,6 +1269,19 @@ gw_master_main(struct gw_opts *o, const struct gw_opts *file)
                                 on_ticket_rotate, NULL);
         if (m.ticket_ev != NULL) {
             event_add(m.ticket_ev, &tv);
+        }
+    }
+    if (o->loop_stall > 0) {
+        struct timeval tv = { 0, (suseconds_t) (WATCHDOG_EVERY * 1e6) };
+
+        /* workers note each request they start (what the stall line
+         * names) only when someone reads it */
+        o->server.on_start = gw_watchdog_request;
+        m.watchdog_ev = event_new(gw_loop_base(), -1, EV_PERSIST,
+                                  on_watchdog, NULL);
+        if (m.watchdog_ev == NULL || event_add(m.watchdog_ev, &tv) != 0) {
+            fprintf(stderr, "paygate: cannot set up the master\n");
+            return 1;
         }
     }
     if (m.admin_fd >= 0) {

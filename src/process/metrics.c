@@ -126,6 +126,7 @@ struct gw_shm {
     uint64_t       reloads;         /* master only */
     uint64_t       reload_failures;
     uint64_t       restarts;
+    uint64_t       stalls;          /* workers the watchdog killed */
     int            nslots;
     struct gw_slot retired;         /* sums of dead workers */
     struct gw_slot slots[];
@@ -391,6 +392,14 @@ gw_metrics_worker_restart(void)
 {
     if (shm != NULL) {
         shm->restarts++;
+    }
+}
+
+void
+gw_metrics_worker_stall(void)
+{
+    if (shm != NULL) {
+        shm->stalls++;
     }
 }
 
@@ -1722,10 +1731,15 @@ gw_metrics_render(size_t *len)
                 "# HELP paygate_worker_restarts_total Workers restarted "
                 "after dying.\n"
                 "# TYPE paygate_worker_restarts_total counter\n"
-                "paygate_worker_restarts_total %llu\n",
+                "paygate_worker_restarts_total %llu\n"
+                "# HELP paygate_worker_stalls_total Workers killed because "
+                "their event loop stalled (limits.loop_stall).\n"
+                "# TYPE paygate_worker_stalls_total counter\n"
+                "paygate_worker_stalls_total %llu\n",
             (unsigned long long) shm->reloads,
             (unsigned long long) shm->reload_failures,
-            (unsigned long long) shm->restarts);
+            (unsigned long long) shm->restarts,
+            (unsigned long long) shm->stalls);
     edge_metrics(&b);
     shared_metrics(&b);
     app_metrics(&b);

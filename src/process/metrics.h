@@ -117,6 +117,7 @@ unsigned gw_metrics_generation(void);
 /* Master: events. */
 void gw_metrics_reload(int ok);
 void gw_metrics_worker_restart(void);
+void gw_metrics_worker_stall(void);     /* the watchdog killed one */
 
 /* Master: renders Prometheus text into a malloc'd buffer (caller frees).*/
 char *gw_metrics_render(size_t *len);

@@ -18,6 +18,7 @@
 #include "lstate.h"
 #include "metrics.h"
 #include "modules.h"
+#include "watchdog.h"
 #include "worker.h"
 #include "dns.h"
 
@@ -29,7 +30,8 @@ static struct {
     int                   ready_fd; /* socket to the master, or -1 */
     struct event         *go_ev;    /* owned: waits for the master's go */
     int                   exit_code;
-    struct event         *gauges;   /* owned: 1 s gauge refresh */
+    struct event         *gauges;   /* owned: 1 s gauge refresh and the
+                                       watchdog's mark */
     struct event         *sigterm, *sigint, *deadline;
     struct event         *hooks_deadline; /* owned: bounds on_stop fns */
     int                   stopping;
@@ -331,6 +333,7 @@ on_gauges(evutil_socket_t fd, short what, void *arg)
 
     gw_metrics_gauges(kb * 1024 + b, gw_server_in_flight(),
                       gw_server_connections());
+    gw_watchdog_mark();             /* the loop turned (limits.loop_stall) */
 }
 
 static void
@@ -426,6 +429,7 @@ gw_worker_main(const struct gw_opts *o, int listen_fd, SSL_CTX *ctx,
     signal(SIGHUP, SIG_IGN);
     signal(SIGCHLD, SIG_DFL);
     gw_metrics_attach(slot);
+    gw_watchdog_attach(slot);
     if (runtime_init(o->app_dir) != GW_OK) {
         ready('F');
         return 1;
