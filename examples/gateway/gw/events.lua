@@ -60,7 +60,7 @@ end
 function _M.event(etype, payment, refund, extra)
   local payload = { type = etype, payment = model.payment_json(payment),
                     at = paygate.now() }
-  if refund then payload.refund = model.refund_json(refund) end
+  if refund then payload.refund = model.refund_json(refund, payment) end
   if extra then
     for k, v in pairs(extra) do payload[k] = v end
   end

@@ -131,14 +131,25 @@ function _M.attempt_json(a, expires_at)
            closed_at = opt(a.closed_at) }
 end
 
---- syntax: t = model.refund_json(row)
-function _M.refund_json(r)
+--- syntax: t = model.refund_json(row, payment)
+-- The <refund> of the API. Its merchant is its payment's (payment: the
+-- payment's row, or any row with its mchid and sub_mchid), named as the
+-- payment's answer names it: mchid always, sub_mchid for a service
+-- provider's sub-merchant only. Raises without it: a refund answered
+-- without its merchant would leave the merchant API's client guessing
+-- whose money it is.
+function _M.refund_json(r, p)
+  if type(p) ~= "table" or p.mchid == nil then
+    error("model.refund_json: the refund's payment (its mchid) is"
+          .. " required", 2)
+  end
   return { id = r.id, payment_id = r.payment_id,
            out_refund_no = r.out_refund_no, refund_id = opt(r.refund_id),
            amount = r.amount, reason = opt(r.reason),
            reference = opt(r.reference), state = r.state,
            version = r.version, kind = r.kind,
            out_trade_no = r.out_trade_no,
+           mchid = p.mchid, sub_mchid = opt(p.sub_mchid),
            created_at = r.created_at, updated_at = r.updated_at }
 end
 
@@ -193,7 +204,7 @@ function _M.payment_json(p, attempts, refunds)
   end
   if refunds then
     local list = {}
-    for i, r in ipairs(refunds) do list[i] = _M.refund_json(r) end
+    for i, r in ipairs(refunds) do list[i] = _M.refund_json(r, p) end
     t.refunds = #list > 0 and list or json.empty_array
     t.refundable = _M.refundable(p, refunds)
   end

@@ -216,14 +216,14 @@ local function check(b)
 end
 
 -- The answer to a refund asked with a reference that refund rf of the
--- payment holds already (not failed or closed): it is not made again,
+-- payment p holds already (not failed or closed): it is not made again,
 -- whatever the amount or the Idempotency-Key; the caller follows rf.
-local function reference_used(rf)
+local function reference_used(rf, p)
   return 409, err_body("refund_reference_used", "refund " .. rf.id
     .. " (" .. rf.state .. ", " .. rf.amount .. " fen) of payment "
     .. rf.payment_id .. " has this reference already: a reference is"
     .. " refunded once; follow that refund (GET /v1/refunds/" .. rf.id
-    .. ")", { refund = model.refund_json(rf) })
+    .. ")", { refund = model.refund_json(rf, p) })
 end
 
 -- The store refused a refund's insert by the unique index of references
@@ -239,12 +239,12 @@ end
 -- perhaps sent: a retry under a new key would be a second refund (the
 -- refund checks send this one), so the answer says to retry under this
 -- one, which finds it by its request_key.
-local function stored_failed(err, rf)
+local function stored_failed(err, rf, p)
   local st, eb = store_failed(err)
   eb.message = "the store failed after the refund was stored (it may be"
     .. " at WeChat Pay already); retry with the same Idempotency-Key, not"
     .. " a new one (" .. tostring(type(err) == "table" and err.kind) .. ")"
-  if rf then eb.refund = model.refund_json(rf) end
+  if rf then eb.refund = model.refund_json(rf, p) end
   return st, eb
 end
 
@@ -258,7 +258,7 @@ end
 -- or the store failed to record WeChat's answer): not this call's to end.
 -- It stays as it is, counted (the refund checks settle it), and the
 -- answer says to retry with the same key.
-local function not_sent(tx, row, werr, actor, earlier)
+local function not_sent(tx, p, row, werr, actor, earlier)
   local st, eb, hd = payments.wx_failure(werr)
   if earlier then
     eb.message = "WeChat Pay was not called now (" .. tostring(werr)
@@ -280,7 +280,7 @@ local function not_sent(tx, row, werr, actor, earlier)
       .. " no refund was made, and this one is failed; retry (with any"
       .. " Idempotency-Key) once calls go out again"
   end
-  eb.refund = model.refund_json(row)
+  eb.refund = model.refund_json(row, p)
   return st, eb, hd
 end
 
@@ -407,7 +407,7 @@ function _M.create(req, ik)
   if not res and b.reference and reference_taken(err) then
     local held
     held, err = model.refund_by_reference(db, p.id, b.reference)
-    if held then return reference_used(held) end
+    if held then return reference_used(held, p) end
     if held == false then
       -- (the refund that held it failed or closed since: the reference
       -- is free again, and a retry makes the refund; a 503 is not kept
@@ -426,21 +426,21 @@ function _M.create(req, ik)
     return store_failed(err)
   end
   if res.status then return res.status, res.body end
-  if res.held then return reference_used(res.held) end
+  if res.held then return reference_used(res.held, p) end
   local rf = res.refund
   if rf.state ~= "created" and rf.state ~= "unknown" then
     -- the request ran before and its refund went on (or ended): answered
     -- as it is, not sent again (a refund WeChat refused stays refused)
     if rf.state == "failed" then
       return 502, err_body("wechat_error", "WeChat Pay refused the refund",
-                           { refund = model.refund_json(rf) })
+                           { refund = model.refund_json(rf, p) })
     end
-    return 201, model.refund_json(rf)
+    return 201, model.refund_json(rf, p)
   end
   local actor = "app:" .. tostring(req.app_id)
   local a, c, d = _M.send(res.refund.id, function(tx, row, how, werr)
     if how == "not_sent" then
-      return not_sent(tx, row, werr, actor, res.earlier)
+      return not_sent(tx, p, row, werr, actor, res.earlier)
     end
     if how == "rejected" and exceeds_left(werr) then
       -- (was a bare 502: an agent refunding money already given back
@@ -462,7 +462,7 @@ function _M.create(req, ik)
         .. " payment is flagged refunded_elsewhere; the day's trade bill"
         .. " lists that refund. Refund at most what WeChat Pay has left",
         { wechat_kind = werr.kind, wechat_code = werr.code,
-          refund = model.refund_json(row) }))
+          refund = model.refund_json(row, p) }))
     end
     if how == "rejected" then
       -- (the key keeps this answer: a retry must be a new request)
@@ -472,25 +472,25 @@ function _M.create(req, ik)
         .. " once the cause is mended, send a new request with a new"
         .. " Idempotency-Key",
         { wechat_kind = werr.kind, wechat_code = werr.code,
-          refund = model.refund_json(row) }))
+          refund = model.refund_json(row, p) }))
     end
     if how == "unknown" and (werr.kind == "timeout"
                              or werr.kind == "unknown_outcome") then
       -- (payments' words: a lost connection said as such, not as slow)
       return ik:respond(tx, 504, err_body("timeout",
         payments.unknown_words(werr) .. "; the refund is checked again"
-        .. " later", { refund = model.refund_json(row) }))
+        .. " later", { refund = model.refund_json(row, p) }))
     end
     if how == "unknown" then
       -- WeChat failed it (a 5xx, an answer that does not verify) or it
       -- did not leave: the refund is unknown and checked again later
       local st, eb = payments.wx_failure(werr,
-                                         { refund = model.refund_json(row) })
+                                         { refund = model.refund_json(row, p) })
       return ik:respond(tx, st, eb)
     end
-    return ik:respond(tx, 201, model.refund_json(row))
+    return ik:respond(tx, 201, model.refund_json(row, p))
   end)
-  if a == nil then return stored_failed(c, rf) end
+  if a == nil then return stored_failed(c, rf, p) end
   return a, c, d
 end
 
@@ -567,22 +567,25 @@ function _M.list(req)
   rows, err = model.refunds_of(ctx.db, p.id)
   if not rows then return store_failed(err) end
   local list = {}
-  for i, r in ipairs(rows) do list[i] = model.refund_json(r) end
+  for i, r in ipairs(rows) do list[i] = model.refund_json(r, p) end
   return 200, { refunds = model.list(list), stale = stale }
 end
 
 function _M.get(req)
   local refresh, st, eb = payments.refresh_asked(req)
   if refresh == nil then return st, eb end
-  local rows, err = ctx.db:query("SELECT r.*, p.app_id AS app_id FROM"
-    .. " gw_refunds r JOIN gw_payments p ON p.id = r.payment_id WHERE"
-    .. " r.id = $1", { req.params.id })
+  -- (and its payment's merchant, which the answer names)
+  local rows, err = ctx.db:query("SELECT r.*, p.app_id AS app_id, p.mchid"
+    .. " AS mchid, p.sub_mchid AS sub_mchid FROM gw_refunds r JOIN"
+    .. " gw_payments p ON p.id = r.payment_id WHERE r.id = $1",
+    { req.params.id })
   if not rows then return store_failed(err) end
   local r = rows[1]
   if not r or r.app_id ~= req.app_id then
     return payments.not_found("refund")
   end
   local stale = ctx.degraded() or nil
+  local who = r
   if refresh then
     local p
     p, err = model.payment(ctx.db, r.payment_id)
@@ -595,7 +598,7 @@ function _M.get(req)
       r = now or r
     end
   end
-  local t = model.refund_json(r)
+  local t = model.refund_json(r, who)
   if stale then t.stale = true end
   return 200, t
 end

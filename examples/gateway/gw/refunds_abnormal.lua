@@ -102,7 +102,7 @@ function _M.handler(req)
     return 409, err_body("refund_not_abnormal", "refund " .. rf.id .. " is "
       .. rf.state .. ": only an abnormal refund (WeChat could not pay it"
       .. " back to where the money came from) is sent to a bank card",
-      { refund = model.refund_json(rf) })
+      { refund = model.refund_json(rf, p) })
   end
   if model.opt(rf.refund_id) == nil then
     -- (the abnormal-refund API names the refund by WeChat's id, which an
@@ -110,7 +110,7 @@ function _M.handler(req)
     return 409, err_body("refund_id_unknown", "WeChat's refund_id of"
       .. " refund " .. rf.id .. " is not known yet: ask WeChat first"
       .. " (GET /v1/refunds/" .. rf.id .. "?refresh=1), then send this"
-      .. " again", { refund = model.refund_json(rf) })
+      .. " again", { refund = model.refund_json(rf, p) })
   end
   if ctx.degraded() then return payments.degraded() end
   local ust, ubody = payments.unconfigured(p)
@@ -124,7 +124,7 @@ function _M.handler(req)
     paygate.log.warn("gateway: WeChat Pay did not take an abnormal-refund"
       .. " application", { refund = rf.id, payment = p.id, type = b.type,
                            kind = werr.kind, code = werr.code })
-    return payments.wx_failure(werr, { refund = model.refund_json(rf) })
+    return payments.wx_failure(werr, { refund = model.refund_json(rf, p) })
   end
   -- recorded: who applied, how, what WeChat answered; and the refund
   -- checked again from now (the outcome, should no notification come)
@@ -148,7 +148,7 @@ function _M.handler(req)
   end
   paygate.log.info("gateway: abnormal refund sent to a bank card", {
     refund = rf.id, payment = p.id, type = b.type, status = status })
-  local t = model.refund_json(rf)
+  local t = model.refund_json(rf, p)
   t.application = { type = b.type, status = status, applied_at = now }
   return 202, t
 end

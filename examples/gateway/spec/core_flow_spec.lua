@@ -334,6 +334,14 @@ describe("gateway core flow", function()
     assert.equal(2, #list.json.refunds)
     local one = gw:call("GET", "/v1/refunds/" .. r1.json.id)
     assert.equal("succeeded", one.json.state)
+    -- each names its payment's merchant as the payment does: a direct
+    -- merchant's mchid, no sub_mchid (was: no merchant at all)
+    for _, r in ipairs{ r1.json, r2.json, list.json.refunds[1],
+                        list.json.refunds[2], one.json,
+                        got.refunds[1] } do
+      assert.equal(got.mchid, r.mchid)
+      assert.is_nil(r.sub_mchid)
+    end
   end)
   it("refuses a 51st refund of one payment before sending it (refund_limit)",
      function()

@@ -87,6 +87,16 @@ describe("gateway for a service provider", function()
     sim:settle(r.json.out_refund_no)
     sim:wait_notification{ out_refund_no = r.json.out_refund_no }
     gw:wait_state(p.id, "refunded")
+    -- the refund names the sub-merchant as its payment does: the create's
+    -- answer, GET /v1/refunds/{id}, the list, the payment's refunds (was:
+    -- no mchid, no sub_mchid: whose money it was took the payment)
+    local list = gw:call("GET", "/v1/payments/" .. p.id .. "/refunds")
+    local one = gw:call("GET", "/v1/refunds/" .. r.json.id)
+    for _, x in ipairs{ r.json, list.json.refunds[1], one.json,
+                        gw:get(p.id).refunds[1] } do
+      assert.equal(sim.partner.mchid, x.mchid)
+      assert.equal(sim.partner.sub_mchid, x.sub_mchid)
+    end
     -- the console's payment page lists them, found by the sp/sub key
     local page = gw.srv:request{ path = "/console/payments/" .. p.id }
     assert.equal(200, page.status)

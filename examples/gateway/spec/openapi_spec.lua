@@ -329,7 +329,19 @@ describe("examples/gateway/openapi.json", function()
     has(s.Attempt, { "out_trade_no", "n", "channel", "state", "sub_appid",
       "pay" }, "Attempt")
     has(s.Refund, { "id", "payment_id", "out_refund_no", "refund_id",
-      "amount", "reason", "state" }, "Refund")
+      "amount", "reason", "state", "mchid", "sub_mchid" }, "Refund")
+    -- (was: a refund named no merchant, its payment did: mchid always,
+    -- sub_mchid for a service provider's sub-merchant, on both)
+    local function required(schema, f)
+      for _, r in ipairs(schema.required or {}) do
+        if r == f then return true end
+      end
+      return false
+    end
+    for _, sc in ipairs{ s.Payment, s.Refund } do
+      assert.is_true(required(sc, "mchid"))
+      assert.is_false(required(sc, "sub_mchid"))
+    end
     has(s.Error, { "error", "message" }, "Error")
     has(s.CreatePayment, { "order_id", "channel", "amount", "currency",
       "description", "payer", "client_ip", "expires_in", "attach",
