@@ -231,6 +231,11 @@ local function sim_merchant_conf(m)
   end
   if m.sub_mchid then
     c.sub_merchants = { { mchid = m.sub_mchid, appids = { m.sub_appid } } }
+    -- more sub-merchants (partner = n), each with an appid of its own
+    for i = 2, #(m.sub_mchids or {}) do
+      c.sub_merchants[i] = { mchid = m.sub_mchids[i],
+        appids = { "wx" .. crypto.hex(crypto.random_bytes(8)) } }
+    end
   end
   return c
 end
@@ -243,7 +248,9 @@ local SIM_OPTIONS = { merchants = true, partner = true,
 --- syntax: sim = testing.simulator([o])
 -- o: merchants (a list of testing.merchant() tables, or a number: how many
 -- to make; default 1), partner (true: also a service provider with one
--- sub-merchant: sim.partner, sim.partner.sub_mchid), verifier_mode
+-- sub-merchant: sim.partner, sim.partner.sub_mchid; a number n: with n
+-- sub-merchants, sim.partner.sub_mchids, the first of them sub_mchid),
+-- verifier_mode
 -- ("platform_certificates" default, "public_key", "both"), sign_type (RSA
 -- default; WECHATPAY2-SM2-WITH-SM3 makes SM2 merchant keys), time_scale
 -- (default 1), answer_timeout, config (more simulator config keys), app
@@ -265,8 +272,23 @@ function _M.simulator(o)
   end
   local partner
   if o.partner then
+    local n = o.partner == true and 1 or o.partner
+    if type(n) ~= "number" or n < 1 or n % 1 ~= 0 then
+      error("testing.simulator: o.partner must be true or a number of"
+            .. " sub-merchants", 2)
+    end
     partner = _M.merchant{ sm2 = sm2 }
-    partner.sub_mchid = "16" .. digits(8)
+    partner.sub_mchids = {}
+    for i = 1, n do
+      local sub
+      repeat
+        sub = "16" .. digits(8)
+        local taken = false
+        for j = 1, i - 1 do taken = taken or partner.sub_mchids[j] == sub end
+      until not taken
+      partner.sub_mchids[i] = sub
+    end
+    partner.sub_mchid = partner.sub_mchids[1]
     partner.sub_appid = "wx" .. crypto.hex(crypto.random_bytes(8))
   end
   local sim = setmetatable({ merchants = merchants, merchant = merchants[1],

@@ -552,6 +552,10 @@ function _M.routes(ctx)
       return refuse(400, "Bad request", "since must be a time in seconds"
                     .. " since the epoch")
     end
+    if pages.parse_sub_mchid(q.sub_mchid) == nil then
+      return refuse(400, "Bad request", "sub_mchid must be a sub-merchant's"
+                    .. " mchid: 1 to 32 digits")
+    end
     local body, err = pages.payments(q, view)
     if not body then return show(503, "Payments", pages.failed(err), view) end
     return show(200, "Payments", body, view)

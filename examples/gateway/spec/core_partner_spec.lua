@@ -9,7 +9,8 @@ describe("gateway for a service provider", function()
   local sim, gw
 
   setup(function()
-    sim = testing.simulator{ time_scale = 100, partner = true }
+    -- (two sub-merchants: the second's orders beside the first's)
+    sim = testing.simulator{ time_scale = 100, partner = 2 }
     gw = core.start(sim, { partner = true,
       gateway = { console = { access = "loopback" } } })
   end)
@@ -473,6 +474,67 @@ describe("gateway for a service provider", function()
       assert.truthy(res.json.fields.sub_appid, res.body)
       assert.equal(0, #assert(gw.db:query("SELECT id FROM gw_payments"
         .. " WHERE order_id = $1", { oid })))
+    end
+  end)
+
+  it("the console's list of payments lists one sub-merchant's, page after"
+     .. " page", function()
+    -- (was: no such filter, sub_mchid= was ignored: a provider's list
+    -- mixed every sub-merchant's payments, and one sub-merchant's took
+    -- opening them all)
+    local a, b = sim.partner.sub_mchids[1], sim.partner.sub_mchids[2]
+    local pa = gw:create{ sub_mchid = a, amount = 5 }
+    local bs = {}
+    for i = 1, 52 do bs[i] = gw:create{ sub_mchid = b, amount = i }.id end
+    local function ids_of(body)
+      local out = {}
+      for id in body:gmatch('<a href="/console/payments/(pay_%w+)">') do
+        out[#out + 1] = id
+      end
+      return out
+    end
+    local page = gw.srv:request{ path = "/console/payments?sub_mchid=" .. b }
+    assert.equal(200, page.status, page.body)
+    assert.matches("Sub-merchant " .. b, page.body, 1, true)
+    assert.matches('name="sub_mchid" value="' .. b .. '"', page.body, 1,
+                   true)
+    local seen = {}
+    for _, id in ipairs(ids_of(page.body)) do seen[id] = true end
+    local older = page.body:match('<a href="(/console/payments%?after=[^"]+)">')
+    assert.truthy(older, "an Older link")
+    older = older:gsub("&amp;", "&")
+    assert.matches("&sub_mchid=" .. b, older, 1, true)
+    page = gw.srv:request{ path = older }
+    assert.equal(200, page.status, page.body)
+    for _, id in ipairs(ids_of(page.body)) do
+      assert.is_nil(seen[id], "a payment on two pages")
+      seen[id] = true
+    end
+    for _, id in ipairs(bs) do assert.is_true(seen[id], id) end
+    assert.is_nil(seen[pa.id])
+    -- with a state, and with a search: the sub-merchant's only
+    local mine = {}
+    for _, id in ipairs(bs) do mine[id] = true end
+    page = gw.srv:request{ path = "/console/payments?state=paying&sub_mchid="
+                                  .. b }
+    local got = ids_of(page.body)
+    assert.equal(50, #got)
+    for _, id in ipairs(got) do assert.is_true(mine[id], id) end
+    page = gw.srv:request{ path = "/console/payments?state=paid&sub_mchid="
+                                  .. b }
+    assert.same({}, ids_of(page.body))
+    page = gw.srv:request{ path = "/console/payments?q=" .. pa.id
+                                  .. "&sub_mchid=" .. b }
+    assert.same({}, ids_of(page.body))
+    page = gw.srv:request{ path = "/console/payments?q=" .. pa.id
+                                  .. "&sub_mchid=" }
+    assert.same({ pa.id }, ids_of(page.body))
+    -- anything but 1 to 32 digits: the console's 400
+    -- (not UTF-8: refused as any such query is)
+    for _, v in ipairs{ "x", ("1"):rep(33), "1%200", "-1", "%FF" } do
+      page = gw.srv:request{ path = "/console/payments?sub_mchid=" .. v }
+      assert.equal(400, page.status, v)
+      if v ~= "%FF" then assert.matches("sub_mchid", page.body, 1, true) end
     end
   end)
 end)

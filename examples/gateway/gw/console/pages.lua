@@ -610,48 +610,80 @@ function _M.parse_since(since)
   return tonumber(since)
 end
 
+--- syntax: sub = pages.parse_sub_mchid(v)
+-- The payments page's sub-merchant filter (sub_mchid=): a sub-merchant's
+-- mchid, 1 to 32 digits, as a create takes it; "" (the form's empty
+-- field) is no filter. returns: the mchid, false for none, nil for
+-- anything else.
+function _M.parse_sub_mchid(v)
+  if v == nil or v == "" then return false end
+  if type(v) ~= "string" or #v > 32 or not v:match("^%d+$") then
+    return nil
+  end
+  return v
+end
+
+local LIST_COLS = "SELECT id, mchid, sub_mchid, out_trade_no,"
+  .. " transaction_id, state, amount, description, created_at FROM"
+  .. " gw_payments"
+
+--- syntax: sql, params = pages.list_sql(q)
+-- The payments page's list without a search term: q's filters (state,
+-- since, sub_mchid: a service provider's sub-merchant, read by migration
+-- 015's index) and its "Older" cursor (after), newest first, one row past
+-- a page (whether there is an older one).
+function _M.list_sql(q)
+  local where, params = {}, {}
+  if type(q.state) == "string" and q.state ~= "" then
+    params[#params + 1] = q.state
+    where[#where + 1] = "state = $" .. #params
+  end
+  local sub = _M.parse_sub_mchid(q.sub_mchid)
+  if sub then
+    params[#params + 1] = sub
+    where[#where + 1] = "sub_mchid = $" .. #params
+  end
+  local since = _M.parse_since(q.since)
+  if since then
+    params[#params + 1] = since
+    where[#where + 1] = "created_at >= $" .. #params
+  end
+  local at, id = _M.parse_cursor(q.after)
+  if at then
+    params[#params + 1] = at
+    params[#params + 1] = id
+    where[#where + 1] = "(created_at < $" .. (#params - 1)
+      .. " OR (created_at = $" .. (#params - 1) .. " AND id < $"
+      .. #params .. "))"
+  end
+  return LIST_COLS .. (where[1] and (" WHERE "
+    .. table.concat(where, " AND ")) or "") .. " ORDER BY created_at DESC,"
+    .. " id DESC LIMIT " .. (PAGE + 1), params
+end
+
 function _M.payments(q, view)
   local db = ctx.db
   local term = type(q.q) == "string" and q.q:gsub("^%s+", "")
                  :gsub("%s+$", "") or ""
+  local sub = _M.parse_sub_mchid(q.sub_mchid)
   local rows, err
-  local COLS = "SELECT id, mchid, sub_mchid, out_trade_no, transaction_id,"
-    .. " state, amount, description, created_at FROM gw_payments"
   if term ~= "" then
     -- an exact id, out_trade_no (any attempt), transaction_id, order_id
     -- (any app's: several may use the same), a refund's out_refund_no or
     -- the merchant's reference of a refund (migration 014's index).
     -- order_id has no index of its own (only (app_id, order_id)): its
-    -- subquery reads the table once, apart, so the other terms keep theirs
-    rows, err = db:query(COLS .. " WHERE id = $1 OR transaction_id = $1"
-      .. " OR id IN (SELECT payment_id FROM gw_attempts WHERE out_trade_no"
-      .. " = $1 OR transaction_id = $1) OR id IN (SELECT payment_id FROM"
-      .. " gw_refunds WHERE out_refund_no = $1) OR id IN (SELECT payment_id"
-      .. " FROM gw_refunds WHERE reference = $1) OR id IN (SELECT id FROM"
-      .. " gw_payments WHERE order_id = $1) ORDER BY created_at DESC LIMIT "
-      .. PAGE, { term })
+    -- subquery reads the table once, apart, so the other terms keep theirs.
+    -- A sub-merchant given too keeps its payments only.
+    rows, err = db:query(LIST_COLS .. " WHERE (id = $1 OR transaction_id ="
+      .. " $1 OR id IN (SELECT payment_id FROM gw_attempts WHERE"
+      .. " out_trade_no = $1 OR transaction_id = $1) OR id IN (SELECT"
+      .. " payment_id FROM gw_refunds WHERE out_refund_no = $1) OR id IN"
+      .. " (SELECT payment_id FROM gw_refunds WHERE reference = $1) OR id IN"
+      .. " (SELECT id FROM gw_payments WHERE order_id = $1))"
+      .. (sub and " AND sub_mchid = $2" or "")
+      .. " ORDER BY created_at DESC LIMIT " .. PAGE, { term, sub or nil })
   else
-    local where, params = {}, {}
-    if type(q.state) == "string" and q.state ~= "" then
-      params[#params + 1] = q.state
-      where[#where + 1] = "state = $" .. #params
-    end
-    local since = _M.parse_since(q.since)
-    if since then
-      params[#params + 1] = since
-      where[#where + 1] = "created_at >= $" .. #params
-    end
-    local at, id = _M.parse_cursor(q.after)
-    if at then
-      params[#params + 1] = at
-      params[#params + 1] = id
-      where[#where + 1] = "(created_at < $" .. (#params - 1)
-        .. " OR (created_at = $" .. (#params - 1) .. " AND id < $"
-        .. #params .. "))"
-    end
-    rows, err = db:query(COLS .. (where[1] and (" WHERE "
-      .. table.concat(where, " AND ")) or "") .. " ORDER BY created_at DESC,"
-      .. " id DESC LIMIT " .. (PAGE + 1), params)
+    rows, err = db:query(_M.list_sql(q))
   end
   if not rows then return nil, err end
   local more = rows[PAGE + 1] ~= nil
@@ -666,20 +698,31 @@ function _M.payments(q, view)
   if more then
     next_link = link("/console/payments?after="
       .. html.url_encode(cursor(rows[PAGE])) .. (q.state and ("&state="
-      .. html.url_encode(q.state)) or "") .. (q.since and term == ""
+      .. html.url_encode(q.state)) or "") .. (sub and ("&sub_mchid="
+      .. sub) or "") .. (q.since and term == ""
       and ("&since=" .. html.url_encode(q.since)) or ""), "Older")
   end
   local window = html.NONE
-  if term == "" and _M.parse_since(q.since) then
-    window = render("<p class=\"note\">Created since {{t}}{{s}}.</p>", {
-      t = when(_M.parse_since(q.since)), s = (type(q.state) == "string"
-        and q.state ~= "") and (", state " .. q.state) or "" })
+  local since = term == "" and _M.parse_since(q.since)
+  if since or sub then
+    -- what the list is narrowed to: a window, a state, a sub-merchant
+    local what = {}
+    if since then what[#what + 1] = "created since " .. when(since) end
+    if type(q.state) == "string" and q.state ~= "" and term == "" then
+      what[#what + 1] = "state " .. q.state
+    end
+    if sub then what[#what + 1] = "sub-merchant " .. sub end
+    local text = table.concat(what, ", ")
+    window = render("<p class=\"note\">{{t}}.</p>",
+                    { t = text:sub(1, 1):upper() .. text:sub(2) })
   end
   return render([[<form method="get" action="/console/payments"><label>
 Search <input name="q" value="{{term}}" placeholder="payment id,
-out_trade_no, transaction_id, order_id or out_refund_no"></label><button>Find</button></form>
+out_trade_no, transaction_id, order_id or out_refund_no"></label><label>
+Sub-merchant <input name="sub_mchid" value="{{sub}}" size="12"
+placeholder="sub_mchid" inputmode="numeric"></label><button>Find</button></form>
 {{window}}{{t}}<p class="pager">{{next}}</p>]], {
-    term = term, next = next_link, window = window,
+    term = term, sub = sub or "", next = next_link, window = window,
     t = table_of({ "payment", "merchant", "out_trade_no", "transaction_id",
                    "state", "amount", "description", "created" }, list) })
 end
