@@ -388,15 +388,9 @@ function _M.on_call(mchid)
   end
 end
 
---- syntax: recorded, verify, doctor = history.refused(wx, mchid, req, err)
--- Records a notification that parse_notification refused: the error's
--- kind and message, and wx:notification_facts(req) (headers, claims and,
--- when its resource decrypts, the order or refund it is about); and
--- captures it whole in capture_dir: verify is the paygate verify command
--- that checks the capture (nil when none was made), doctor the paygate
--- doctor command instead when the client holds no key (history.capture).
-function _M.refused(wx, mchid, req, err)
-  local now = paygate.update_time()
+-- Whether one more refused notification may be recorded this second (at
+-- most REFUSED_PER_SECOND a worker: what is over is counted, dropped).
+local function refused_allowed(now)
   local second = floor(now)
   if second ~= refused_second then
     refused_second, refused_count = second, 0
@@ -406,8 +400,12 @@ function _M.refused(wx, mchid, req, err)
     drop("refused_notification")
     return false
   end
-  local verify, doctor = _M.capture(wx, req)
-  local f = wx:notification_facts(req)
+  return true
+end
+
+-- The row of a refused notification: err's kind and message, and the
+-- facts f (wx:notification_facts' shape).
+local function record_refused(now, mchid, err, f)
   local null = json.null
   return write("refused_notification", "INSERT INTO"
     .. " gw_notifications_refused (received_at, mchid, kind, reason,"
@@ -417,7 +415,47 @@ function _M.refused(wx, mchid, req, err)
       now, mchid, tostring(err.kind), text(tostring(err.message), 300),
       f.serial or null, f.timestamp or null, f.id or null,
       f.event_type or null, f.authentic and 1 or 0,
-      f.out_trade_no or null, f.out_refund_no or null }), verify, doctor
+      f.out_trade_no or null, f.out_refund_no or null })
+end
+
+--- syntax: recorded, verify, doctor = history.refused(wx, mchid, req, err)
+-- Records a notification that parse_notification refused: the error's
+-- kind and message, and wx:notification_facts(req) (headers, claims and,
+-- when its resource decrypts, the order or refund it is about); and
+-- captures it whole in capture_dir: verify is the paygate verify command
+-- that checks the capture (nil when none was made), doctor the paygate
+-- doctor command instead when the client holds no key (history.capture).
+function _M.refused(wx, mchid, req, err)
+  local now = paygate.update_time()
+  if not refused_allowed(now) then return false end
+  local verify, doctor = _M.capture(wx, req)
+  return record_refused(now, mchid, err, wx:notification_facts(req)),
+         verify, doctor
+end
+
+--- syntax: recorded = history.refused_event(mchid, req, event, err)
+-- Records a notification that verified and decrypted (event: the parsed
+-- notification) but was refused before any effect, e.g. a payment's whose
+-- resource names another merchant than the payment's (merchant_mismatch):
+-- authentic, with its id, type and the order or refund it names, beside
+-- the ones that did not verify. Not captured: it verifies, so a capture
+-- has nothing to check, and its resource is a payer's data.
+function _M.refused_event(mchid, req, event, err)
+  local now = paygate.update_time()
+  if not refused_allowed(now) then return false end
+  local r = type(event.resource) == "table" and event.resource or {}
+  local function header(name)
+    local v = req.header and req:header(name)
+    return type(v) == "string" and text(v, 128) or nil
+  end
+  return record_refused(now, mchid, err, {
+    serial = header("Wechatpay-Serial"),
+    timestamp = header("Wechatpay-Timestamp"),
+    id = type(event.id) == "string" and text(event.id, 128) or nil,
+    event_type = type(event.event_type) == "string"
+                 and text(event.event_type, 64) or nil,
+    authentic = true, out_trade_no = number(r.out_trade_no),
+    out_refund_no = number(r.out_refund_no) })
 end
 
 return _M

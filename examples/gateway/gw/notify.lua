@@ -30,7 +30,9 @@ local ctx
 -- lines of each merchant and kind in a window, for all workers, then one
 -- line saying how many more; paygate.log.limiter), and each is counted on
 -- /metrics as paygate_gateway_notifications_refused_total{merchant,kind}
--- (merchant: a configured one, kind: parse_notification's, a small set).
+-- (merchant: a configured one, kind: parse_notification's, a small set,
+-- or merchant_mismatch: a verified payment notification naming another
+-- merchant than the payment's).
 local refused_log, refused_counter
 
 -- paygate_gateway_unknown_notifications_total{kind}: see unknown_target
@@ -49,8 +51,8 @@ function _M.init(c)
                                     c.gateway and c.gateway.refusal_log)
   refused_counter = refused_counter or metrics.counter(
     "paygate_gateway_notifications_refused_total",
-    "Notifications refused (not verified, malformed), each one, logged"
-    .. " or not.", { "merchant", "kind" })
+    "Notifications refused (not verified, malformed, another merchant's"
+    .. " payment), each one, logged or not.", { "merchant", "kind" })
   -- at 0 from the start: the first one raises an alert on its increase
   -- (a series that appears at 1 shows Prometheus none)
   for _, kind in ipairs{ "payment", "refund" } do
@@ -236,6 +238,15 @@ function _M.handler(req)
   -- unknown-target line and the WeChat call lines name them
   local r = type(event.resource) == "table" and event.resource or {}
   if not outcome then
+    if type(after) == "table" and after.kind == "merchant_mismatch" then
+      -- a payment notification whose resource names another merchant (or
+      -- sub-merchant) than the payment's, or came through another's
+      -- route: refused, nothing applied. Counted with the other refusals
+      -- and recorded beside them, so the console's overview and the
+      -- payment's page list it (was: this warn line only)
+      refused_counter:inc({ merchant = mchid, kind = after.kind })
+      history.refused_event(mchid, req, event, after)
+    end
     -- and the merchant it names (a merchant_mismatch's message names the
     -- payment's merchant and the notification's, sp/sub for a service
     -- provider's: was the payment id alone)

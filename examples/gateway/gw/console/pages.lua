@@ -972,9 +972,11 @@ left.</p>]], { at = when(p.refunded_elsewhere_at) })
 <section><h2>Attempts</h2>{{at}}</section>
 <section><h2>Refunds</h2>{{rf}}</section>
 <section><h2>Notifications received (verified)</h2>{{notes}}</section>
-<section><h2>Notifications refused</h2><p class="note">Not verified, so not
-applied: listed here when their resource decrypted under the APIv3 key and
-names this payment (WeChat sends a refused notification again).</p>{{refused}}
+<section><h2>Notifications refused</h2><p class="note">Not applied: not
+verified, or verified but naming another merchant than this payment's
+(merchant_mismatch). Listed here when their resource decrypted under the
+APIv3 key and names this payment (WeChat sends a refused notification
+again).</p>{{refused}}
 </section>
 <section><h2>Calls to WeChat Pay</h2>{{calls}}</section>
 <section><h2>Events</h2>{{ev}}</section>]], {
