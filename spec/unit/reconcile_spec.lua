@@ -1040,10 +1040,10 @@ describe("bill.records", function()
       .. "`0.10\r\n")
     f:close()
     local r = assert(bill.records(path))
-    assert.same({ amount = 29, state = "SUCCESS", transaction_id = "4200001" },
-                r.payments.T1)
-    assert.same({ out_trade_no = "T1", amount = 10, state = "SUCCESS",
-                  refund_id = "5000001" }, r.refunds.R1)
+    assert.same({ out_trade_no = "T1", amount = 29, state = "SUCCESS",
+                  transaction_id = "4200001" }, r.payments.T1)
+    assert.same({ out_refund_no = "R1", out_trade_no = "T1", amount = 10,
+                  state = "SUCCESS", refund_id = "5000001" }, r.refunds.R1)
     assert.equal(2, r.lines)
   end)
 
@@ -1066,8 +1066,10 @@ describe("bill.records", function()
       .. "`0.10\r\n")
     f:close()
     local r = assert(bill.records(path))
-    assert.equal("1600000001", r.payments.T1.sub_mchid)
-    assert.equal("1600000002", r.refunds.R2.sub_mchid)
+    -- (keyed by sub-merchant and number: bill.key)
+    assert.equal("1600000001/T1", bill.key("1600000001", "T1"))
+    assert.equal("1600000001", r.payments["1600000001/T1"].sub_mchid)
+    assert.equal("1600000002", r.refunds["1600000002/R2"].sub_mchid)
     -- and a local row the bill lacks, by its own sub_mchid
     local out = bill.diff(r, { { out_trade_no = "T3", amount = 5,
       state = "paid", sub_mchid = "1600000003" } })
@@ -1082,6 +1084,76 @@ describe("bill.records", function()
       "2026-11-29,missing_remote,T3,,paid,5,,,1600000003",
     }, { lines[2], lines[3], lines[4] })
     assert.equal("1600000001", bill.finding(out[1]).sub_mchid)
+  end)
+
+  it("a service provider's bill: two sub-merchants' orders and refunds of"
+     .. " one number are each matched to their own sub-merchant's row",
+     function()
+    -- (was: matched by number alone, the second line of a number was a
+    -- duplicate_line, or compared with the other sub-merchant's row: an
+    -- amount or state mismatch of a payment that agreed, and the other's
+    -- order never said missing)
+    local path = tmp .. "/partner-same-number.csv"
+    local f = assert(io.open(path, "wb"))
+    f:write(TRADE_HEAD .. "\r\n")
+    -- sub-merchant 1600000002's first (another system's order T1), then
+    -- 1600000001's T1, then each one's refund R1
+    f:write("`2026-11-29 09:00:00,`wx1,`1900,`1600000002,`,`4200002,`T1,"
+      .. "`o2,`NATIVE,`SUCCESS,`OTHERS,`CNY,`0.41,`0.00,`0,`0,`0.00,`0.00,"
+      .. "`,`,`a,`,`0.00000,`0.60%,`0.41,`0.00,`\r\n")
+    f:write("`2026-11-29 10:00:00,`wx1,`1900,`1600000001,`,`4200001,`T1,"
+      .. "`o1,`NATIVE,`SUCCESS,`OTHERS,`CNY,`0.40,`0.00,`0,`0,`0.00,`0.00,"
+      .. "`,`,`a,`,`0.00000,`0.60%,`0.40,`0.00,`\r\n")
+    f:write("`2026-11-29 11:00:00,`wx1,`1900,`1600000002,`,`4200002,`T1,"
+      .. "`o2,`NATIVE,`REFUND,`OTHERS,`CNY,`0.00,`0.00,`5000002,`R1,`0.05,"
+      .. "`0.00,`ORIGINAL,`SUCCESS,`a,`,`0.00000,`0.60%,`0.00,`0.05,`\r\n")
+    f:write("`2026-11-29 12:00:00,`wx1,`1900,`1600000001,`,`4200001,`T1,"
+      .. "`o1,`NATIVE,`REFUND,`OTHERS,`CNY,`0.00,`0.00,`5000001,`R1,`0.10,"
+      .. "`0.00,`ORIGINAL,`SUCCESS,`a,`,`0.00000,`0.60%,`0.00,`0.10,`\r\n")
+    f:close()
+    local r = assert(bill.records(path))
+    assert.equal(4, r.lines)
+    assert.same({}, r.duplicates)
+    assert.equal(40, r.payments["1600000001/T1"].amount)
+    assert.equal(41, r.payments["1600000002/T1"].amount)
+    assert.equal("T1", r.payments["1600000002/T1"].out_trade_no)
+    assert.equal("R1", r.refunds["1600000002/R1"].out_refund_no)
+    -- the app's rows: 1600000001's order and refund, each agreeing
+    local mine = {
+      { out_trade_no = "T1", amount = 40, state = "partially_refunded",
+        sub_mchid = "1600000001" },
+      { out_trade_no = "T1", out_refund_no = "R1", amount = 10,
+        state = "succeeded", sub_mchid = "1600000001" } }
+    local got = {}
+    for _, m in ipairs(bill.diff(r, mine)) do
+      local x = bill.finding(m)
+      got[#got + 1] = table.concat({ x.kind, x.out_trade_no,
+        tostring(x.out_refund_no), tostring(x.remote_amount),
+        tostring(x.sub_mchid) }, " ")
+    end
+    -- 1600000002's lines are no order of the app's: missing here, under
+    -- that sub-merchant; 1600000001's agree
+    assert.same({ "missing_local T1 nil 41 1600000002",
+                  "missing_local T1 R1 5 1600000002" }, got)
+    -- a row of the other sub-merchant, local only: missing remotely
+    local out = bill.diff(r, { mine[1], mine[2], { out_trade_no = "T9",
+      amount = 9, state = "paid", sub_mchid = "1600000002" } })
+    assert.equal("missing_remote", out[#out].kind)
+    assert.equal("1600000002", bill.finding(out[#out]).sub_mchid)
+    -- an app whose rows do not say their sub-merchant: matched by number
+    -- alone, as before (a direct merchant's bill has no sub-merchant)
+    local d = assert(bill_of(TRADE_HEAD .. "\r\n"
+      .. "`2026-11-29 10:00:00,`wx1,`1900,`1600000003,`,`4200005,`T5,`o1,"
+      .. "`NATIVE,`SUCCESS,`OTHERS,`CNY,`0.29,`0.00,`0,`0,`0.00,`0.00,`,`,"
+      .. "`a,`,`0.00000,`0.60%,`0.29,`0.00,`\r\n"
+      .. "`2026-11-29 11:00:00,`wx1,`1900,`1600000003,`,`4200005,`T5,`o1,"
+      .. "`NATIVE,`REFUND,`OTHERS,`CNY,`0.00,`0.00,`5000005,`R5,`0.10,"
+      .. "`0.00,`ORIGINAL,`SUCCESS,`a,`,`0.00000,`0.60%,`0.00,`0.10,`\r\n",
+      "partner-no-sub.csv"))
+    assert.same({}, bill.diff(d, {
+      { out_trade_no = "T5", amount = 29, state = "partially_refunded" },
+      { out_trade_no = "T5", out_refund_no = "R5", amount = 10,
+        state = "succeeded" } }))
   end)
 
   it("a big bill is read and diffed in pieces: other tasks run meanwhile",
@@ -1239,8 +1311,8 @@ describe("bill.records", function()
       .. "`tea,`0.60%,`9.99,`x,`0.00000,`0.60%,`0.31,`0.00,`\r\n")
     f:close()
     local r = assert(bill.records(path))
-    assert.same({ amount = 31, state = "SUCCESS", transaction_id = "4200003" },
-                r.payments.T3)
+    assert.same({ out_trade_no = "T3", amount = 31, state = "SUCCESS",
+                  transaction_id = "4200003" }, r.payments.T3)
     local rows = {}
     for kind, row in require("paygate.wechatpay.bill").rows(path) do
       if kind == "record" then rows[#rows + 1] = row end
@@ -1337,8 +1409,8 @@ describe("bill.records", function()
     local r = assert(bill.records(path))
     assert.equal(6, r.lines)
     -- the first line of a number is the one compared
-    assert.same({ amount = 29, state = "SUCCESS", transaction_id = "4201" },
-                r.payments.T1)
+    assert.same({ out_trade_no = "T1", amount = 29, state = "SUCCESS",
+                  transaction_id = "4201" }, r.payments.T1)
     assert.equal(10, r.refunds.R1.amount)
     assert.equal(3, #r.duplicates)
     local out = bill.diff(r, {

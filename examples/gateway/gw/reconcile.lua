@@ -735,9 +735,12 @@ function _M.local_rows(db, mchid, date, numbers, refund_numbers)
   local from = bill.day_start(date)
   local to = from + 86400
   local out, seen = {}, {}
+  -- (each once, by bill.key: a service provider's sub-merchants may use
+  -- one number, and the bill is matched by merchant and number)
   local function add_payment(no, amount, state, sub)
-    if seen[no] then return end
-    seen[no] = true
+    local key = bill.key(model.opt(sub), no)
+    if seen[key] then return end
+    seen[key] = true
     out[#out + 1] = { out_trade_no = no, amount = amount, state = state,
                       sub_mchid = model.opt(sub) }
   end
@@ -784,8 +787,9 @@ function _M.local_rows(db, mchid, date, numbers, refund_numbers)
   if not rrows then return nil, rerr end
   local rseen = {}
   local function add_refund(r)
-    if rseen[r.out_refund_no] then return end
-    rseen[r.out_refund_no] = true
+    local key = bill.key(model.opt(r.sub_mchid), r.out_refund_no)
+    if rseen[key] then return end
+    rseen[key] = true
     out[#out + 1] = { out_trade_no = r.out_trade_no,
                       out_refund_no = r.out_refund_no, amount = r.amount,
                       state = r.state, sub_mchid = model.opt(r.sub_mchid) }
@@ -1249,24 +1253,32 @@ end
 -- alone. A failure is logged: the report stands, and the next run of the
 -- day flags what this one could not.
 local function flag_refunded_elsewhere(o, mismatches)
-  local lines, nos = {}, {}
+  -- (by the line's sub-merchant and number, bill.key: in a service
+  -- provider's bill another sub-merchant's refund of an order of the same
+  -- number is not money of this gateway's payment)
+  local lines, nos, asked = {}, {}, {}
   for _, m in ipairs(mismatches or {}) do
     if m.kind == "missing_local" and m.out_refund_no
        and type(m.out_trade_no) == "string" then
-      if not lines[m.out_trade_no] then nos[#nos + 1] = m.out_trade_no end
-      lines[m.out_trade_no] = lines[m.out_trade_no] or m
+      local r = type(m.remote) == "table" and m.remote or {}
+      local key = bill.key(r.sub_mchid, m.out_trade_no)
+      lines[key] = lines[key] or m
+      if not asked[m.out_trade_no] then
+        asked[m.out_trade_no] = true
+        nos[#nos + 1] = m.out_trade_no
+      end
     end
   end
   local db = o.db
   local qok, qerr = by_numbers(db, o.mchid, nos, function(ph)
     return "SELECT a.out_trade_no AS attempt_no,"
-      .. " a.payment_id FROM gw_attempts a JOIN gw_payments p ON p.id ="
-      .. " a.payment_id WHERE p.mchid = $1 AND a.out_trade_no IN (" .. ph
-      .. ")"
+      .. " a.payment_id, p.sub_mchid AS sub_mchid FROM gw_attempts a JOIN"
+      .. " gw_payments p ON p.id = a.payment_id WHERE p.mchid = $1 AND"
+      .. " a.out_trade_no IN (" .. ph .. ")"
   end, function(rows)
     for _, a in ipairs(rows) do
-      local m = lines[a.attempt_no]
-      local ok, err = db:transaction(function(tx)
+      local m = lines[bill.key(model.opt(a.sub_mchid), a.attempt_no)]
+      local ok, err = m and db:transaction(function(tx)
         if o.fence then
           local f, ferr = o.fence(tx)
           if not f then return nil, ferr end
@@ -1279,7 +1291,7 @@ local function flag_refunded_elsewhere(o, mismatches)
           refund_amount = type(m.remote) == "table" and m.remote.amount
                           or nil, date = o.date })
       end)
-      if not ok then
+      if m and not ok then
         warn("gateway: a payment refunded outside this gateway cannot be"
           .. " flagged", { date = o.date, mchid = o.mchid,
           payment = a.payment_id, error = tostring(err) })

@@ -201,6 +201,20 @@ function _M.fetch(wx, date, opts)
     on_progress = on_wait and function() return on_wait() end })
 end
 
+-- syntax: key = bill.key(sub_mchid, number)
+-- The key bill.records and bill.diff match a bill line and a local row
+-- by: the number (out_trade_no, or a refund's out_refund_no) for a direct
+-- merchant's, "<sub_mchid>/<number>" for a service provider's
+-- sub-merchant's (sub_mchid: nil, json null or "" for none). WeChat scopes
+-- out_trade_no and out_refund_no per merchant: in a provider's bill of all
+-- its sub-merchants two of them may use the same number, and the number
+-- alone took one's line for the other's order. ("/" is in no WeChat
+-- number.)
+function _M.key(sub, no)
+  if sub == nil or sub == core.null or sub == "" then return no end
+  return tostring(sub) .. "/" .. tostring(no)
+end
+
 -- A bad amount of record n (line file_line of the file), in column col:
 -- the message says where (a log or the console shows the message, not
 -- the error's fields)
@@ -220,15 +234,19 @@ end
 -- Reads a downloaded trade bill, letting other coroutines run every
 -- YIELD_EVERY records; on_wait (as bill.fetch's) is called there too, and
 -- its failure ends the reading with its error.
--- returns: { payments = { [out_trade_no] = { amount, state,
---   transaction_id } }, refunds = { [out_refund_no] = { out_trade_no,
---   amount, state, refund_id } }, duplicates = { { out_trade_no,
---   out_refund_no (a refund line's), line, record, first }, ... },
---   lines = n } or nil, err (bad_amount, bad_bill). A line whose number
---   was on an earlier line is not merged into it (one of the two would be
---   lost unseen): the first is kept, the later one is in duplicates (with
---   the first), identical or not. A bill out of shape (wxbill.rows'
---   "malformed": a record broken across lines by a line break in a field)
+-- returns: { payments = { [key] = { out_trade_no, amount, state,
+--   transaction_id, sub_mchid } }, refunds = { [key] = { out_refund_no,
+--   out_trade_no, amount, state, refund_id, sub_mchid } }, duplicates =
+--   { { out_trade_no, out_refund_no (a refund line's), line, record,
+--   first }, ... }, lines = n } or nil, err (bad_amount, bad_bill). key is
+--   bill.key(sub_mchid, number): the number alone in a direct merchant's
+--   bill, sub_mchid the line's 特约商户号 in a service provider's (nil in a
+--   direct merchant's, where it is 0). A line whose number (of the same
+--   sub-merchant) was on an earlier line is not merged into it (one of the
+--   two would be lost unseen): the first is kept, the later one is in
+--   duplicates (with the first), identical or not. A bill out of shape
+--   (wxbill.rows' "malformed": a record broken across lines by a line
+--   break in a field)
 --   is bad_bill, and so is a summary whose 总交易单数 is not the number
 --   of records read (a bill without a summary is read as it is). An
 --   error's line is the record's number (1 = the first record), its
@@ -320,15 +338,16 @@ function _M.records(path, on_wait)
                       .. " has no 商户退款单号" .. at,
                       { line = n, file_line = row.line })
         end
-        local rec = { out_trade_no = no, amount = amount,
-                      state = row["退款状态"] or "",
+        local rec = { out_refund_no = rno, out_trade_no = no,
+                      amount = amount, state = row["退款状态"] or "",
                       refund_id = row["微信退款单号"], sub_mchid = sub }
-        if refunds[rno] then
+        local key = _M.key(sub, rno)
+        if refunds[key] then
           duplicates[#duplicates + 1] = { out_trade_no = no,
             out_refund_no = rno, line = n, record = rec,
-            first = refunds[rno] }
+            first = refunds[key] }
         else
-          refunds[rno] = rec
+          refunds[key] = rec
         end
       else
         local col = row["订单金额"] and "订单金额" or "应结订单金额"
@@ -337,13 +356,14 @@ function _M.records(path, on_wait)
           return amount_error(err, col, n, row.line, row[col] == nil
                               and "订单金额 or 应结订单金额")
         end
-        local rec = { amount = amount, state = state,
+        local rec = { out_trade_no = no, amount = amount, state = state,
                       transaction_id = row["微信订单号"], sub_mchid = sub }
-        if payments[no] then
+        local key = _M.key(sub, no)
+        if payments[key] then
           duplicates[#duplicates + 1] = { out_trade_no = no, line = n,
-            record = rec, first = payments[no] }
+            record = rec, first = payments[key] }
         else
-          payments[no] = rec
+          payments[key] = rec
         end
       end
     end
@@ -376,7 +396,11 @@ local KIND_ORDER = { missing_local = 1, missing_remote = 2, amount = 3,
 -- remote: bill.records' result (or { payments = {}, refunds = {} } for an
 -- empty day). local_rows: { { out_trade_no, amount (fen), state,
 -- out_refund_no? (a refund's row), sub_mchid? (a service provider's
--- sub-merchant: the report's column) }, ... }. opts.paid_states (payment
+-- sub-merchant: the report's column) }, ... }. A line and a row are
+-- matched by bill.key(sub_mchid, number): a service provider's bill line
+-- of one sub-merchant is not another's order of the same number. A row
+-- without sub_mchid (an app that does not say it) is matched by its
+-- number alone, to a line of any sub-merchant. opts.paid_states (payment
 -- states WeChat's bill lists as SUCCESS; default paid, partially_refunded,
 -- refunded), opts.refund_states (default succeeded),
 -- opts.refund_pending_states (refund states that agree with a bill line
@@ -408,19 +432,26 @@ function _M.diff(remote, rows, opts)
     end
     local rno = row.out_refund_no
     if rno ~= nil and rno ~= core.null then
-      lr[rno] = row
+      lr[_M.key(row.sub_mchid, rno)] = row
     else
-      lp[row.out_trade_no] = row
+      lp[_M.key(row.sub_mchid, row.out_trade_no)] = row
     end
   end
   local seen = 0
   local function compare(remote_map, local_map, done, is_refund)
+    local matched = {}
     for key, r in pairs(remote_map) do
       seen = seen + 1
       pause(seen)
-      local no = is_refund and r.out_trade_no or key
-      local rno = is_refund and key or nil
+      -- (a record made by hand may have no number of its own: its key)
+      local no = is_refund and r.out_trade_no or (r.out_trade_no or key)
+      local rno = is_refund and (r.out_refund_no or key) or nil
       local l = local_map[key]
+      if not l and key ~= (rno or no) then
+        -- a row that names no sub-merchant: by its number alone
+        l = local_map[rno or no]
+      end
+      if l then matched[l] = true end
       if not l then
         add("missing_local", no, rno, nil, r)
       elseif not (done[l.state] and r.state == "SUCCESS")
@@ -431,10 +462,10 @@ function _M.diff(remote, rows, opts)
         add("amount", no, rno, l, r)
       end
     end
-    for key, l in pairs(local_map) do
-      if not remote_map[key] and done[l.state] then
-        add("missing_remote", l.out_trade_no, is_refund and key or nil, l,
-            nil)
+    for _, l in pairs(local_map) do
+      if not matched[l] and done[l.state] then
+        add("missing_remote", l.out_trade_no, is_refund and l.out_refund_no
+            or nil, l, nil)
       end
     end
   end
@@ -451,7 +482,12 @@ function _M.diff(remote, rows, opts)
     if a.out_trade_no ~= b.out_trade_no then
       return a.out_trade_no < b.out_trade_no
     end
-    return (a.out_refund_no or "") < (b.out_refund_no or "")
+    if (a.out_refund_no or "") ~= (b.out_refund_no or "") then
+      return (a.out_refund_no or "") < (b.out_refund_no or "")
+    end
+    -- (two sub-merchants' orders of one number: in a stable order)
+    return tostring(_M.finding(a).sub_mchid or "")
+           < tostring(_M.finding(b).sub_mchid or "")
   end)
   return out
 end
@@ -725,21 +761,34 @@ function _M.daily(opts)
       return nil, err
     end
   end
-  local numbers = {}
-  for no in pairs(remote.payments) do
-    numbers[#numbers + 1] = no
+  -- (each number once: a service provider's bill may have two
+  -- sub-merchants' lines of one number, and local_rows gives the rows of
+  -- both)
+  local numbers, have = {}, {}
+  local npay = 0
+  for key, r in pairs(remote.payments) do
+    npay = npay + 1
+    local no = r.out_trade_no or key
+    if not have[no] then
+      have[no] = true
+      numbers[#numbers + 1] = no
+    end
   end
   -- (the bill's payments only: a refund line's out_trade_no is usually a
   -- payment of an earlier day, which this day's bill rightly lacks; named
   -- here, it came back as a paid local row "missing" from the bill)
-  local npay = #numbers
   -- and the bill's refunds, so that one the app has but not as settled
   -- that day is a state mismatch, not a refund it has no row for
-  local rnumbers = {}
-  for rno in pairs(remote.refunds) do
-    rnumbers[#rnumbers + 1] = rno
+  local rnumbers, rhave = {}, {}
+  local nref = 0
+  for key, r in pairs(remote.refunds) do
+    nref = nref + 1
+    local rno = r.out_refund_no or key
+    if not rhave[rno] then
+      rhave[rno] = true
+      rnumbers[#rnumbers + 1] = rno
+    end
   end
-  local nref = #rnumbers
   sort(numbers)
   sort(rnumbers)
   local rows, lerr = opts.local_rows(date, numbers, rnumbers)
