@@ -10,6 +10,7 @@ local proc = require "support.proc"
 local APP = [[
 local paygate = require "paygate"
 paygate.route("GET", "/", function() return 200, "hi" end)
+paygate.route("POST", "/up", function(req) return 200, "got " .. #req.body end)
 -- in a request until the test creates the file ?go= names (30 s at most)
 paygate.route("GET", "/slow", function(req)
   local go, t0 = req:query().go, paygate.update_time()
@@ -40,12 +41,15 @@ local function go(s)
 end
 
 -- waits (5 s at most) until /metrics counts at least n connections
--- `what` (reclaimed, lingered)
-local function wait_counted(s, what, n)
+-- `what` (reclaimed, lingered; reclaimed by reason: idle or slow_head)
+local function wait_counted(s, what, n, reason)
+  local series = "\npaygate_connections_" .. what .. "_total"
+                 .. (what == "reclaimed" and ('{reason="' .. (reason or "idle")
+                                               .. '"}') or "")
   proc.wait_until(function()
     local res = s:admin_get("/metrics")
-    local got = res and res.body:match("\npaygate_connections_" .. what
-                                       .. "_total (%d+)\n")
+    local at = res and res.body:find(series .. " ", 1, true)
+    local got = at and res.body:match("^ (%d+)\n", at + #series)
     return got and tonumber(got) >= n
   end, 5, what .. " connections on /metrics")
 end
@@ -290,4 +294,112 @@ describe("silent new connections at the connection cap", function()
       assert(ok, err)
     end)
   end
+end)
+
+-- Clients that each keep a request head coming a few bytes at a time
+-- (well inside header_timeout) held every place at the cap until
+-- header_timeout, and reconnected: everyone else was refused. At the cap
+-- the connection that has been reading its head longest, a second at
+-- least, now makes room (408) for a new client; one whose request is
+-- parsed (its body arriving, its handler running) never does.
+describe("heads trickled at the connection cap", function()
+  local CAP4 = 8
+  local HEAD = "GET / HTTP/1.1\r\nHost: x\r\nX-Pad: "
+  local s
+
+  before_each(function()
+    s = server.start{ source = APP, workers = 1,
+      config = ([[return { limits = { connections = %d,
+        header_timeout = 30, body_timeout = 30 } }]]):format(CAP4) }
+  end)
+
+  after_each(function()
+    if s then assert.equal(0, s:stop()) end
+    s = nil
+  end)
+
+  -- n connections, oldest first, each with a head begun
+  local function tricklers(n)
+    local t = {}
+    for i = 1, n do
+      -- (a short receive timeout: those that stay are checked to)
+      t[i] = assert(rawtcp.connect(s.port, 0.3))
+      assert(t[i]:send(HEAD))
+    end
+    return t
+  end
+
+  -- a genuine request on a new connection, its answer awaited (10 s at
+  -- most: header_timeout and body_timeout are 30) while every trickler sends a byte of its
+  -- head every 0.4 s; returns the answer and when it came (mono)
+  local function genuine(t, send)
+    local c = assert(rawtcp.connect(s.port, 0.2))
+    assert(c:send(send or "GET / HTTP/1.1\r\nHost: x\r\n\r\n"))
+    local out, deadline, next_byte = "", core.mono() + 10, 0
+    while out == "" and core.mono() < deadline do
+      if core.mono() >= next_byte then
+        for _, tc in ipairs(t) do tc:send("a") end  -- (may be closed)
+        next_byte = core.mono() + 0.4
+      end
+      out = c:recv_some()
+    end
+    local at = core.mono()
+    c:close()
+    return out, at
+  end
+
+  it("a new client takes the place of the oldest, once 1 s old", function()
+    local t0 = core.mono()
+    local t = tricklers(CAP4)
+    local out, at = genuine(t)
+    assert.matches("^HTTP/1.1 200", out)
+    -- the oldest was kept its second (from before its connect: the
+    -- server's accept came later)
+    assert.is_true(at - t0 >= 1.0, "a head was cut after " .. (at - t0)
+                   .. " s")
+    -- the oldest was answered 408 and closed; the others still wait
+    local old, how = t[1]:recv_all()
+    assert.matches("^HTTP/1.1 408 .*request head too slow at the "
+                   .. "connection cap %(limits.connections%)", old)
+    assert.is_true(how == "eof" or how == "reset", how)
+    for i = 2, CAP4 do
+      local _, h = t[i]:recv_all()
+      assert.equal("timeout", h, "trickler " .. i)
+    end
+    wait_counted(s, "reclaimed", 1, "slow_head")
+    wait_counted(s, "reclaimed", 0, "idle")
+    for _, c in ipairs(t) do c:close() end
+  end)
+
+  it("never takes one whose request is handled or body arriving", function()
+    local busy = assert(rawtcp.connect(s.port, 5))
+    get(busy, slow_path(s))
+    local up = assert(rawtcp.connect(s.port, 5))
+    assert(up:send("POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 20"
+                   .. "\r\n\r\n0123"))
+    -- the oldest two: if either went, the head that goes is not the one
+    -- reading its head longest
+    local t = tricklers(CAP4 - 2)
+    local out = genuine(t)
+    assert.matches("^HTTP/1.1 200", out)
+    assert.matches("^HTTP/1.1 408", t[1]:recv_all())
+    -- the cap full again (the new client has gone), and a second new
+    -- client: the next oldest head goes, not the newest
+    t[#t + 1] = assert(rawtcp.connect(s.port, 0.3))
+    assert(t[#t]:send(HEAD))
+    out = genuine(t)
+    assert.matches("^HTTP/1.1 200", out)
+    assert.matches("^HTTP/1.1 408", t[2]:recv_all())
+    -- the body arrives and is answered, the handler too
+    assert(up:send("456789abcdefghij"))
+    assert.matches("^HTTP/1.1 200.*got 20$", up:recv_some())
+    go(s)
+    assert.matches("^HTTP/1.1 200.*slow done$", busy:recv_some())
+    wait_counted(s, "reclaimed", 2, "slow_head")
+    local _, how = t[#t]:recv_all()
+    assert.equal("timeout", how, "the newest trickler")
+    busy:close()
+    up:close()
+    for _, c in ipairs(t) do c:close() end
+  end)
 end)

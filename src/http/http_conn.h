@@ -131,6 +131,13 @@ struct gw_conn {
                                        oldest first; gw_srv.idle_* */
     int                 idle;       /* 1 while on that list */
     double              idle_at;    /* s (mono): when it joined it */
+    struct gw_conn     *rprev, *rnext; /* connections reading a head
+                                       (a new one from its accept, its
+                                       TLS handshake included; a later
+                                       head from its first byte), oldest
+                                       first; gw_srv.heads_* */
+    double              head_at;    /* s (mono): when it joined that
+                                       list; 0 while not on it */
     struct gw_conn     *hprev, *hnext; /* TLS: new connections whose
                                        ClientHello waits its turn, oldest
                                        first; gw_srv.hello_* */
@@ -166,6 +173,9 @@ struct gw_http_srv {
                                            while after a storm ends */
     int                   trim_peak;    /* most connections since the
                                            last trim */
+    struct gw_conn       *heads_head;   /* connections reading a head,
+                                           oldest first (head_victim) */
+    struct gw_conn       *heads_tail;   /* its newest */
     struct gw_conn       *hello_head;   /* TLS: first handshake steps
                                            waiting (hello_queue) */
     struct gw_conn       *hello_tail;

@@ -49,6 +49,13 @@
                                    (or handshaken, no request yet) is kept
                                    at the cap: its client's first bytes
                                    may be a round trip away */
+#define HEAD_GRACE 1.0          /* s a connection reading its head is kept
+                                   at the cap: a client sends a head in
+                                   one or two packets, a round trip or
+                                   two after its accept (TLS 1.2: two
+                                   round trips of handshake first), so
+                                   one still at it after a second is
+                                   trickling it (see head_victim) */
 #define ACCEPT_BATCH_TLS 1      /* TLS ones (see on_accept) */
 #define LINGER_IDLE 2.0         /* s: a lingering close waits this long
                                    for more of the client's bytes */
@@ -94,7 +101,8 @@ gw_server_in_flight(void)
 /* ---- small helpers --------------------------------------------------- */
 
 static const char *const edge_names[GW_EDGE_NEVENTS] = {
-    "reclaimed", "lingered", "full", "resumed", "protocol", "cipher",
+    "reclaimed", "slow_head", "lingered", "full", "resumed", "protocol",
+    "cipher",
     "client_cert", "aborted", "timeout", "not_tls", "other"
 };
 
@@ -182,6 +190,72 @@ idle_leave(struct gw_conn *c)
     c->idle = 0;
 }
 
+/* secs as a timer's delay: at least 1 ms */
+static struct timeval
+delay_tv(double secs)
+{
+    struct timeval tv;
+
+    if (secs <= 0) {
+        secs = 0.001;
+    }
+    tv.tv_sec = (time_t) secs;
+    tv.tv_usec = (suseconds_t) ((secs - (double) tv.tv_sec) * 1e6);
+    return tv;
+}
+
+/* c begins reading a head (a new connection at its accept, a later
+ * request at its first byte): it joins the heads list's end (newest).
+ * Nothing if it is on it already: the head's time runs on. */
+static void
+head_enter(struct gw_conn *c)
+{
+    if (c->head_at > 0) {
+        return;
+    }
+    c->head_at = gw_loop_mono();
+    c->rnext = NULL;
+    c->rprev = gw_srv.heads_tail;
+    if (gw_srv.heads_tail != NULL) {
+        gw_srv.heads_tail->rnext = c;
+    } else {
+        gw_srv.heads_head = c;
+    }
+    gw_srv.heads_tail = c;
+    /* accepting paused at the cap with no victim to come: this head may
+     * be one in HEAD_GRACE s (on_resume tells); a resume already set is
+     * due sooner (every grace is HEAD_GRACE or FRESH_GRACE) */
+    if (!gw_srv.accepting && !gw_srv.draining && gw_srv.lev != NULL
+        && gw_srv.resume_ev != NULL
+        && gw_srv.nconns >= gw_srv.conf.max_connections
+        && !evtimer_pending(gw_srv.resume_ev, NULL)) {
+        struct timeval tv = delay_tv(HEAD_GRACE + 0.001);
+
+        evtimer_add(gw_srv.resume_ev, &tv);
+    }
+}
+
+/* c's head is parsed (or refused, or c closes): it leaves the list. */
+static void
+head_leave(struct gw_conn *c)
+{
+    if (c->head_at == 0) {
+        return;
+    }
+    if (c->rprev != NULL) {
+        c->rprev->rnext = c->rnext;
+    } else {
+        gw_srv.heads_head = c->rnext;
+    }
+    if (c->rnext != NULL) {
+        c->rnext->rprev = c->rprev;
+    } else {
+        gw_srv.heads_tail = c->rprev;
+    }
+    c->rprev = c->rnext = NULL;
+    c->head_at = 0;
+}
+
 /* A TLS connection that has received a byte of its handshake (OpenSSL's
  * state stays "before" until a whole ClientHello is in, which may take
  * several records). */
@@ -248,18 +322,63 @@ idle_victim(double *next)
     return NULL;
 }
 
-/* secs as a timer's delay: at least 1 ms */
-static struct timeval
-delay_tv(double secs)
+/* At the connection cap with no idle connection to close: the one that
+ * has been reading its head longest, once HEAD_GRACE s at it (a new one
+ * counted from its accept, its TLS handshake included, as
+ * header_timeout is; a later head from its first byte), which
+ * on_accept() closes to admit a new client in its place. A genuine
+ * client sends its head in one or two packets, milliseconds apart; one
+ * still reading its head after a second is trickling it, and clients
+ * that each trickle a head (a few bytes every second or two) at the cap
+ * held every place until header_timeout, then reconnected: everyone
+ * else was refused. A connection whose head is parsed (its body
+ * arriving, which body_min_rate bounds; its handler running) is never
+ * on the list, nor one with an answer still going out (skipped). NULL
+ * when there is none; *next (if not NULL) is then the time (mono) the
+ * oldest becomes one, or 0. */
+static struct gw_conn *
+head_victim(double *next)
 {
-    struct timeval tv;
+    double now = gw_loop_mono();
 
-    if (secs <= 0) {
-        secs = 0.001;
+    if (next != NULL) {
+        *next = 0;
     }
-    tv.tv_sec = (time_t) secs;
-    tv.tv_usec = (suseconds_t) ((secs - (double) tv.tv_sec) * 1e6);
-    return tv;
+    for (struct gw_conn *c = gw_srv.heads_head; c != NULL; c = c->rnext) {
+        if (now - c->head_at < HEAD_GRACE) {
+            if (next != NULL) {
+                *next = c->head_at + HEAD_GRACE;
+            }
+            return NULL;        /* the rest are younger still */
+        }
+        if (c->state == ST_HEAD && c->out_len == c->out_sent) {
+            return c;
+        }
+    }
+    return NULL;
+}
+
+/* The one to close at the cap for a new client, idle connections first
+ * (idle_victim, then head_victim); *kind is its count (gw_edge_event).
+ * NULL when there is none; *next (if not NULL) is then when one may be,
+ * or 0. */
+static struct gw_conn *
+cap_victim(double *next, int *kind)
+{
+    double later = 0;
+    struct gw_conn *c = idle_victim(next);
+
+    *kind = GW_EDGE_RECLAIMED;
+    if (c != NULL) {
+        return c;
+    }
+    c = head_victim(next != NULL ? &later : NULL);
+    *kind = GW_EDGE_RECLAIMED_HEAD;
+    if (c == NULL && next != NULL && later > 0
+        && (*next == 0 || later < *next)) {
+        *next = later;
+    }
+    return c;
 }
 
 /* (Re)arms c's one timer: secs from now (at least 1 ms). */
@@ -531,6 +650,7 @@ conn_bad(struct gw_conn *c, int status, const char *kind, const char *msg)
             gw_log_line(GW_LOG_INFO, NULL, "access", 6, fields, n);
         }
     }
+    head_leave(c);
     c->state = ST_CLOSING;
 }
 
@@ -752,6 +872,7 @@ gw_conn_process(struct gw_conn *c)
                                gw_srv.conf.max_body_bytes, "body_bytes");
                 continue;
             }
+            head_leave(c);
             c->state = ST_BODY;
             c->body_at = gw_loop_mono();
             if (c->head.expect_continue && c->head.minor == 1
@@ -837,10 +958,12 @@ gw_conn_process(struct gw_conn *c)
                 c->part_at = gw_loop_mono();
             }
             idle_leave(c);
+            head_enter(c);
             conn_timer_io(c, gw_srv.conf.header_timeout
                           - (gw_loop_mono() - c->part_at));
         } else if (c->in_len == 0 && c->requests > 0) {
             c->part_at = 0;
+            head_leave(c);      /* between requests: idle, not reading */
             conn_timer_io(c, gw_srv.draining && DRAIN_LINGER
                           < gw_srv.conf.keepalive_timeout
                           ? DRAIN_LINGER : gw_srv.conf.keepalive_timeout);
@@ -861,6 +984,8 @@ gw_conn_process(struct gw_conn *c)
         if (c->in_len > 0) {
             conn_timer_io(c, gw_srv.conf.header_timeout
                           - (gw_loop_mono() - head_since(c)));
+            head_enter(c);      /* a head begun (a new connection's has
+                                   been on the list since its accept) */
         }
         conn_read_on(c, 1);
     } else if (c->state == ST_BODY) {
@@ -1052,6 +1177,7 @@ peer_done(struct gw_conn *c)
         || (c->state != ST_HEAD && c->state != ST_BODY)) {
         return 0;
     }
+    head_leave(c);
     c->state = ST_CLOSING;
     conn_read_on(c, 0);
     return 1;
@@ -1358,6 +1484,7 @@ conn_linger(struct gw_conn *c)
         return;
     }
     conn_release(c);
+    head_leave(c);
     c->state = ST_LINGER;
     c->linger_end = gw_loop_mono() + LINGER_MAX;
     gw_edge_count(GW_EDGE_LINGERED);
@@ -1568,6 +1695,7 @@ conn_close(struct gw_conn *c)
 {
     c->closing = 1;
     idle_leave(c);
+    head_leave(c);
     hello_leave(c);
     if (c->co != NULL) {
         /* only on shutdown: the handler's coroutine goes with us */
@@ -1615,6 +1743,48 @@ conn_close(struct gw_conn *c)
     }
 }
 
+/* What the client has sent that is still unread is read and dropped
+ * (1 MiB at most), so that a close just after sends a FIN, not a reset,
+ * and what was sent before it is not destroyed. */
+static void
+conn_drop_input(struct gw_conn *c)
+{
+    char drop[16384];
+
+    for (int k = 0; k < 64 && recv(c->fd, drop, sizeof(drop), 0) > 0; k++) {
+    }
+}
+
+#define HEAD_EVICTED "request head too slow at the connection cap " \
+                     "(limits.connections)"
+
+/* c, reading its head longest (head_victim), makes room for a new client
+ * now: a head begun is answered 408 (counted and logged as a head that
+ * timed out is, with a message that says why), in one write, as the
+ * socket's buffer is empty (c has no answer going out); then c closes.
+ * A TLS connection in its handshake, or with no byte of its head yet,
+ * just closes. */
+static void
+conn_evict_head(struct gw_conn *c)
+{
+    if (c->in_len > c->req_start) {
+        conn_name_method(c, c->in_len - c->req_start);
+        conn_bad(c, 408, "timeout", HEAD_EVICTED);
+        if (c->out_len == c->out_sent) {
+            /* no memory for the answer: none */
+        } else if (c->ssl != NULL) {
+            (void) SSL_write(c->ssl, c->out + c->out_sent,
+                             (int) (c->out_len - c->out_sent));
+            ERR_clear_error();
+        } else {
+            (void) send(c->fd, c->out + c->out_sent,
+                        c->out_len - c->out_sent, MSG_NOSIGNAL);
+        }
+    }
+    conn_drop_input(c);
+    conn_close_graceful(c);
+}
+
 /* Accepting, paused at the cap, is tried again at `at` (mono). */
 static void
 resume_at(double at)
@@ -1628,6 +1798,7 @@ static void
 on_resume(evutil_socket_t fd, short what, void *arg)
 {
     double next = 0;
+    int kind;
 
     (void) fd;
     (void) what;
@@ -1637,7 +1808,7 @@ on_resume(evutil_socket_t fd, short what, void *arg)
         return;
     }
     if (gw_srv.nconns < gw_srv.conf.max_connections
-        || idle_victim(&next) != NULL) {
+        || cap_victim(&next, &kind) != NULL) {
         event_add(gw_srv.lev, NULL);
         gw_srv.accepting = 1;
     } else if (next > 0) {
@@ -1663,12 +1834,12 @@ on_accept(evutil_socket_t lfd, short what, void *arg)
         struct sockaddr_storage ss;
         socklen_t sl = sizeof(ss);
         struct gw_conn *c, *victim = NULL;
-        int fd, one = 1;
+        int fd, one = 1, kind = GW_EDGE_RECLAIMED;
 
         if (gw_srv.nconns >= gw_srv.conf.max_connections) {
             double next;
 
-            victim = idle_victim(&next);
+            victim = cap_victim(&next, &kind);
             if (victim == NULL) {
                 event_del(gw_srv.lev); /* the kernel backlog holds the rest */
                 gw_srv.accepting = 0;
@@ -1682,20 +1853,16 @@ on_accept(evutil_socket_t lfd, short what, void *arg)
                      SOCK_NONBLOCK | SOCK_CLOEXEC);
         if (fd >= 0 && victim != NULL) {
             /* its place goes to the new client */
-            if (victim->state == ST_LINGER) {
-                /* its stream has ended already; what the client sent
-                 * meanwhile is read first, so that the close sends a
-                 * FIN, not a reset */
-                char drop[16384];
-
-                for (int k = 0; k < 16
-                     && recv(victim->fd, drop, sizeof(drop), 0) > 0; k++) {
-                }
+            if (kind == GW_EDGE_RECLAIMED_HEAD) {
+                conn_evict_head(victim);
+            } else if (victim->state == ST_LINGER) {
+                /* its stream has ended already */
+                conn_drop_input(victim);
                 conn_close(victim);
             } else {
                 conn_close_graceful(victim);
             }
-            gw_edge_count(GW_EDGE_RECLAIMED);
+            gw_edge_count(kind);
         }
         if (fd < 0) {
             if (errno != EAGAIN && errno != EINTR && errno != ECONNABORTED) {
@@ -1766,6 +1933,7 @@ on_accept(evutil_socket_t lfd, short what, void *arg)
         c->state = ST_HEAD;
         c->started = gw_loop_mono();
         c->accepted = c->started;
+        head_enter(c);          /* its head's time runs from now */
         conn_read_on(c, 1);
         gw_conn_timer(c, gw_srv.conf.header_timeout);
         idle_enter(c);          /* nothing sent yet: reclaimable at the cap */

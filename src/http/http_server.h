@@ -57,6 +57,10 @@ enum gw_edge_event {
     GW_EDGE_RECLAIMED,          /* a lingering close or an idle
                                    keep-alive connection closed at the
                                    connection cap to admit a new one */
+    GW_EDGE_RECLAIMED_HEAD,     /* a connection that had been reading
+                                   its head longest (HEAD_GRACE s at
+                                   least) closed at the cap to admit a
+                                   new one */
     GW_EDGE_LINGERED,           /* closed after its answer with the
                                    client's bytes drained first (a
                                    refused body, pipelined requests) */
@@ -75,8 +79,8 @@ enum gw_edge_event {
     GW_EDGE_NEVENTS
 };
 
-/* The event's name as /metrics shows it ("reclaimed", "full", "resumed",
- * or a failure reason: "protocol", "cipher", ...). */
+/* The event's name as /metrics shows it ("reclaimed", "slow_head",
+ * "full", "resumed", or a failure reason: "protocol", "cipher", ...). */
 const char *gw_edge_event_name(int event);
 
 /* Fills the defaults (they suit payment callbacks; see README). */

@@ -1037,11 +1037,16 @@ edge_sum(int event)
 static void
 edge_metrics(struct buf *b)
 {
-    bprintf(b, "# HELP paygate_connections_reclaimed_total Idle keep-alive "
-               "connections closed at the connection cap to admit new "
-               "ones.\n# TYPE paygate_connections_reclaimed_total counter\n"
-               "paygate_connections_reclaimed_total %llu\n",
-            edge_sum(GW_EDGE_RECLAIMED));
+    bprintf(b, "# HELP paygate_connections_reclaimed_total Connections "
+               "closed at the connection cap to admit new ones, by reason: "
+               "idle (a lingering close, an idle keep-alive connection, a "
+               "new one silent for 1 s), slow_head (the one reading its "
+               "head longest, 1 s at least).\n"
+               "# TYPE paygate_connections_reclaimed_total counter\n"
+               "paygate_connections_reclaimed_total{reason=\"idle\"} %llu\n"
+               "paygate_connections_reclaimed_total{reason=\"slow_head\"} "
+               "%llu\n",
+            edge_sum(GW_EDGE_RECLAIMED), edge_sum(GW_EDGE_RECLAIMED_HEAD));
     bprintf(b, "# HELP paygate_connections_lingered_total Connections "
                "closed after their answer with the client's further bytes "
                "read and dropped first (a refused body, pipelined "
