@@ -269,8 +269,9 @@ local function load_files(db, dir, fname)
 end
 
 -- syntax: applied, err = migrate.run(db, dir)
--- returns: the list of { version, name } applied by this call (maybe
---          empty), or nil, err (the failing file named in err.message)
+-- returns: the list of { version, name, seconds } applied by this call
+--          (maybe empty; seconds: the time its SQL took), or nil, err
+--          (the failing file named in err.message and err.migration)
 -- yields: one transaction
 function _M.run(db, dir)
   local list, err = load_files(db, dir, "migrate.run")
@@ -397,15 +398,17 @@ function _M.run(db, dir)
           merr.migration = m.name
           return nil, merr
         end
+        local secs = core.mono() - t0
         took[#took + 1] = ("%d (%s, %.3f s)"):format(m.version, m.name,
-                                                      core.mono() - t0)
+                                                      secs)
         local _, ierr = tx:exec("INSERT INTO paygate_migrations (version,"
           .. " name, applied_at, checksum) VALUES ($1, $2, $3, $4)",
           { m.version, m.name, core.time(), m.checksum })
         if ierr then
           return nil, ierr
         end
-        applied[#applied + 1] = { version = m.version, name = m.name }
+        applied[#applied + 1] = { version = m.version, name = m.name,
+                                  seconds = secs }
       end
     end
     return applied

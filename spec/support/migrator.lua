@@ -2,8 +2,9 @@
 --   paygate exec spec/support/migrator.lua URL DIR START_AT
 -- Waits until the wall clock reaches START_AT (so that every migrator
 -- starts together), opens URL (maybe a SQLite file nobody created yet),
--- runs migrate.run(db, DIR) and prints "applied=V1,V2,..." (the versions
--- this process applied, maybe none) or "error: ...".
+-- prints "running" and runs migrate.run(db, DIR), then prints
+-- "applied=V1,V2,..." (the versions this process applied, maybe none) or
+-- "error: ...".
 local paygate = require "paygate"
 local core = require "paygate.core"
 local sql = require "paygate.sql"
@@ -21,6 +22,7 @@ if not db then
   io.stdout:write("error: open: " .. tostring(err) .. "\n")
   return
 end
+io.stdout:write("running\n")
 local applied, merr = migrate.run(db, dir)
 if not applied then
   io.stdout:write("error: run: " .. tostring(merr) .. "\n")

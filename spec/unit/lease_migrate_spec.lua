@@ -207,6 +207,9 @@ for name, new_store in pairs(stores) do
         local db = new_store()
         local applied = assert(migrate.run(db, dir))
         assert.same({ 1, 2 }, { applied[1].version, applied[2].version })
+        -- the time each took, for paygate migrate apply's lines
+        assert.equal("number", type(applied[1].seconds))
+        assert.truthy(applied[2].seconds >= 0)
         assert.same({}, assert(migrate.run(db, dir)))
         assert.equal(1, db:query("SELECT count(*) AS c FROM orders")[1].c)
         db:close()

@@ -33,7 +33,7 @@ static const char usage_main[] =
 "  version         print the version\n"
 "  apikey          create, list and revoke merchant-API keys\n"
 "  audit           verify the audit trail's hash chains in a database\n"
-"  migrate         show which migrations a database has applied\n"
+"  migrate         show a database's migrations; apply pending ones\n"
 "  backup          copy a live SQLite store to a file, consistently\n"
 "  restore         put a backup back in place of a SQLite store\n"
 "  etcd            publish credentials to etcd (sealed), show a set\n"
