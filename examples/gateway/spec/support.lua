@@ -103,6 +103,8 @@ end)
 local Env = {}
 Env.__index = Env
 
+S.RSA = "WECHATPAY2-SHA256-RSA2048"
+
 local pg_server
 local envs = {}           -- started, for S.stop to close their handles
 
@@ -119,18 +121,24 @@ S.default_db = nil
 -- simulator merchant's appids, the first its default: a list of two
 -- makes a merchant paying under two apps; default one made up),
 -- merchants (2: a second simulator merchant, env.m2, configured as
--- config.merchants[2] with its APIv3 key in its own file).
+-- config.merchants[2] with its APIv3 key in its own file), sign_type
+-- (testing.SM2: the national-crypto variant, the simulator's and every
+-- merchant's, SM2 keys; env.sm is then true and crafted notifications
+-- are SM2-signed and SM4-encrypted).
 -- yields: makes keys, starts simulator, receiver and gateway.
 function S.start(o)
   o = o or {}
   if o.db == nil then o.db = S.default_db end
   local env = setmetatable({}, Env)
+  env.sign_type = o.sign_type or S.RSA
+  env.sm = env.sign_type == testing.SM2
   -- the platform key is ours, so specs can sign notifications
-  env.platform = testing.merchant_keys{ mchid = "platform" }
+  env.platform = testing.merchant_keys{ mchid = "platform", sm2 = env.sm }
   env.platform_key = assert(crypto.private_key(read(env.platform.private_key)))
   env.sim = testing.simulator{
-    time_scale = o.time_scale or 100,
-    merchants = o.appids and { testing.merchant{ appids = o.appids } }
+    time_scale = o.time_scale or 100, sign_type = o.sign_type,
+    merchants = o.appids and { testing.merchant{ appids = o.appids,
+                                                 sm2 = env.sm } }
                 or o.merchants,
     config = { platform_private_key = env.platform.private_key,
                platform_certificate = env.platform.certificate },
@@ -383,14 +391,17 @@ end
 
 -- syntax: body, headers = env:notification(event_type, plain[, o])
 -- The envelope WeChat POSTs: `plain` (a table) encrypted with the
--- merchant's APIv3 key, signed with the simulator's platform key (ours).
--- o: id (default a fresh one), serial, original_type.
+-- merchant's APIv3 key (AES-256-GCM, SM4-GCM in the SM variant), signed
+-- with the simulator's platform key (ours).
+-- o: id (default a fresh one), serial, original_type, and
+-- env:notify_headers' options.
 function Env:notification(event_type, plain, o)
   o = o or {}
   local otype = o.original_type
     or (event_type:match("^REFUND") and "refund" or "transaction")
   local r = assert(resource.encrypt(self.m.apiv3_key, json.encode(plain),
-                                    otype, { original_type = otype }))
+    otype, { original_type = otype,
+             algorithm = self.sm and resource.SM4 or resource.AES }))
   local body = json.encode({
     id = o.id or crypto.random_nonce(8) .. "-" .. crypto.random_nonce(8),
     create_time = os.date("!%Y-%m-%dT%H:%M:%S+00:00"),
@@ -399,15 +410,26 @@ function Env:notification(event_type, plain, o)
   return body, self:notify_headers(body, o)
 end
 
+-- syntax: headers = env:notify_headers(body[, o])
+-- WeChat's headers of a notification of body, signed with the platform
+-- key in the env's variant (SM2 with SM3 and Wechatpay-Signature-Type in
+-- the SM variant). o: timestamp, serial, key (another private key to sign
+-- with), sign_type (the algorithm it signs with; default the env's),
+-- signature_type (the Wechatpay-Signature-Type sent: default sign_type's
+-- in the SM variant, none in the RSA one; false: none).
 function Env:notify_headers(body, o)
   o = o or {}
   local ts = tostring(o.timestamp or math.floor(core.time()))
   local nonce = crypto.random_nonce(32)
-  local sig = assert(crypto.sign_base64(self.platform_key,
-    ts .. "\n" .. nonce .. "\n" .. body .. "\n", "sha256-rsa"))
+  local alg = o.sign_type or self.sign_type
+  local sig = assert(crypto.sign_base64(o.key or self.platform_key,
+    ts .. "\n" .. nonce .. "\n" .. body .. "\n", alg))
+  local stype = o.signature_type
+  if stype == nil and self.sm then stype = alg end
   return { ["Content-Type"] = "application/json",
            ["Wechatpay-Timestamp"] = ts, ["Wechatpay-Nonce"] = nonce,
            ["Wechatpay-Signature"] = sig,
+           ["Wechatpay-Signature-Type"] = stype or nil,
            ["Wechatpay-Serial"] = o.serial or self.platform.serial,
            ["Request-ID"] = "08" .. digits(20) }
 end
