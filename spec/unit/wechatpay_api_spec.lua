@@ -349,6 +349,22 @@ describe("wechatpay api", function()
       end)
     end
 
+    it("a bill hashed otherwise than SHA1 (e.g. SM3, 64 hex digits) is"
+       .. " refused for its hash_type, which the message names", function()
+      -- SHA1 is the one hash_type WeChat Pay documents; whether an SM
+      -- merchant's bills are hashed otherwise is unconfirmed. Was: the
+      -- 64-digit hash_value was refused first, as not a SHA-1's, and the
+      -- message never named the hash_type that came
+      local data, err = wx:download_bill({ download_url =
+        "https://api.mch.weixin.qq.com/v3/billdownload/file?token=t",
+        hash_type = "SM3", hash_value = ("ab"):rep(32) }, "/tmp/never")
+      assert.is_nil(data)
+      assert.equal("invalid_params", err.kind, tostring(err))
+      assert.equal("hash_type", err.field, tostring(err))
+      assert.matches('"SM3"', tostring(err), 1, true)
+      assert.matches("SHA1", tostring(err), 1, true)
+    end)
+
     it("a partner jsapi prepay naming both sp_openid and sub_openid says"
        .. " not both", function()
       -- was: "must hold one of sp_openid, sub_openid", which it did

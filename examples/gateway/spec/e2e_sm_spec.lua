@@ -299,4 +299,28 @@ describe("gateway, national-crypto (SM) variant, end to end", function()
     table.sort(want)
     assert.same(want, got)
   end)
+
+  it("a bill answered with another hash type (SM3, unconfirmed for SM"
+     .. " merchants) fails the day's run, the console naming it",
+     function()
+    -- was: its 64-digit hash_value refused first, as no SHA-1
+    -- ("hash_value: must be at most 40 characters"), hash_type unnamed
+    local date = bill.bill_date(os.time() + 86400)
+    env.sim:fault{ endpoint = "tradebill", kind = "bad_body", count = 1,
+      body = json.encode({ hash_type = "SM3", hash_value = ("ab"):rep(32),
+        download_url = env.sim.url .. "/v3/billdownload/file?token=x" }) }
+    local page = env.gw:request("/console/reconcile")
+    local csrf = assert(page.body:match('name="csrf" value="(%x+)"'))
+    local res = env.gw:request{ method = "POST", path = "/console/reconcile",
+      body = "date=" .. date .. "&csrf=" .. csrf,
+      headers = { ["Content-Type"] = "application/x-www-form-urlencoded" } }
+    assert.equal(303, res.status, res.body)
+    local flash = env.gw:request(res.headers["location"]).body:match(
+      '<p class="flash">(.-)</p>')
+    assert.matches("1 of 1 merchants failed", tostring(flash), 1, true)
+    assert.matches("hash_type: must be SHA1", tostring(flash), 1, true)
+    assert.matches("got &quot;SM3&quot;", tostring(flash), 1, true)
+    -- (the gateway's trade_bill call is the one that got it)
+    assert.equal(1, env.sim:control("GET", "/sim/faults")[1].fired)
+  end)
 end)
