@@ -4,6 +4,7 @@
 #include <arpa/inet.h>
 #include <ctype.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <stddef.h>
@@ -602,13 +603,16 @@ gw_opts_diff(const struct gw_opts *a, const struct gw_opts *b, char *out,
     }
 }
 
-int
-gw_listen(const char *spec, int backlog, char *err, size_t errlen)
+/* "HOST:PORT" / "[V6]:PORT" / "PORT" as a numeric address, for a bind or
+ * a comparison: *res is the caller's to freeaddrinfo(). Returns GW_OK, or
+ * GW_ERR with a reason in err. */
+static int
+parse_addr(const char *spec, struct addrinfo **res, char *err, size_t errlen)
 {
     char host[256] = "127.0.0.1", port[16];
     const char *colon;
-    struct addrinfo hints, *res = NULL;
-    int fd = -1, one = 1, rc;
+    struct addrinfo hints;
+    int rc;
 
     if (spec[0] == '[') {
         const char *close_br = strchr(spec, ']');
@@ -616,7 +620,7 @@ gw_listen(const char *spec, int backlog, char *err, size_t errlen)
         if (close_br == NULL || close_br[1] != ':'
             || (size_t) (close_br - spec - 1) >= sizeof(host)) {
             snprintf(err, errlen, "bad address '%s' (want [IPv6]:PORT)", spec);
-            return -1;
+            return GW_ERR;
         }
         memcpy(host, spec + 1, (size_t) (close_br - spec - 1));
         host[close_br - spec - 1] = '\0';
@@ -626,7 +630,7 @@ gw_listen(const char *spec, int backlog, char *err, size_t errlen)
         if (colon != NULL) {
             if ((size_t) (colon - spec) >= sizeof(host)) {
                 snprintf(err, errlen, "bad address '%s'", spec);
-                return -1;
+                return GW_ERR;
             }
             memcpy(host, spec, (size_t) (colon - spec));
             host[colon - spec] = '\0';
@@ -636,21 +640,33 @@ gw_listen(const char *spec, int backlog, char *err, size_t errlen)
      * bound a port nobody asked for (2^32+80 was port 80) */
     if (strlen(colon != NULL ? colon + 1 : spec) >= sizeof(port)) {
         snprintf(err, errlen, "bad port in '%s' (want HOST:PORT)", spec);
-        return -1;
+        return GW_ERR;
     }
     snprintf(port, sizeof(port), "%s", colon != NULL ? colon + 1 : spec);
     if (port[0] == '\0' || strspn(port, "0123456789") != strlen(port)
         || strtol(port, NULL, 10) > 65535) {
         snprintf(err, errlen, "bad port in '%s' (want HOST:PORT)", spec);
-        return -1;
+        return GW_ERR;
     }
     memset(&hints, 0, sizeof(hints));
     hints.ai_socktype = SOCK_STREAM;
     hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV | AI_NUMERICHOST;
-    rc = getaddrinfo(host[0] ? host : NULL, port, &hints, &res);
+    rc = getaddrinfo(host[0] ? host : NULL, port, &hints, res);
     if (rc != 0) {
         snprintf(err, errlen, "bad address '%s': %s (use a numeric IP)",
                  spec, gai_strerror(rc));
+        return GW_ERR;
+    }
+    return GW_OK;
+}
+
+int
+gw_listen(const char *spec, int backlog, char *err, size_t errlen)
+{
+    struct addrinfo *res = NULL;
+    int fd = -1, one = 1;
+
+    if (parse_addr(spec, &res, err, errlen) != GW_OK) {
         return -1;
     }
     fd = socket(res->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC,
@@ -677,4 +693,98 @@ fail:
     }
     freeaddrinfo(res);
     return -1;
+}
+
+/* The address fd is bound to, as HOST:PORT ([HOST]:PORT for IPv6), in buf:
+ * the port the kernel picked for a listen on port 0 too. spec when it
+ * cannot be told. */
+const char *
+gw_bound_addr(int fd, const char *spec, char *buf, size_t len)
+{
+    struct sockaddr_storage ss;
+    socklen_t sl = sizeof(ss);
+    char host[INET6_ADDRSTRLEN];
+
+    if (getsockname(fd, (struct sockaddr *) &ss, &sl) != 0) {
+        return spec;
+    }
+    if (ss.ss_family == AF_INET) {
+        struct sockaddr_in *a = (struct sockaddr_in *) &ss;
+
+        if (inet_ntop(AF_INET, &a->sin_addr, host, sizeof(host)) == NULL) {
+            return spec;
+        }
+        snprintf(buf, len, "%s:%u", host, (unsigned) ntohs(a->sin_port));
+        return buf;
+    }
+    if (ss.ss_family == AF_INET6) {
+        struct sockaddr_in6 *a = (struct sockaddr_in6 *) &ss;
+
+        if (inet_ntop(AF_INET6, &a->sin6_addr, host, sizeof(host)) == NULL) {
+            return spec;
+        }
+        snprintf(buf, len, "[%s]:%u", host, (unsigned) ntohs(a->sin6_port));
+        return buf;
+    }
+    return spec;
+}
+
+int
+gw_listen_inherited(int fd, const char *spec, char *err, size_t errlen)
+{
+    struct sockaddr_storage ss;
+    socklen_t sl = sizeof(ss);
+    struct addrinfo *res = NULL;
+    int on = 0, type = 0, same = 0, fl;
+    socklen_t ol = sizeof(on), tl = sizeof(type);
+    char now[80];
+
+    if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &tl) != 0
+        || getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &on, &ol) != 0
+        || getsockname(fd, (struct sockaddr *) &ss, &sl) != 0) {
+        snprintf(err, errlen, "inherited fd %d is not a socket: %s", fd,
+                 strerror(errno));
+        return GW_ERR;
+    }
+    if (type != SOCK_STREAM || !on
+        || (ss.ss_family != AF_INET && ss.ss_family != AF_INET6)) {
+        snprintf(err, errlen, "inherited fd %d is not a listening TCP "
+                 "socket", fd);
+        return GW_ERR;
+    }
+    if (parse_addr(spec, &res, err, errlen) != GW_OK) {
+        return GW_ERR;
+    }
+    if (res->ai_family == AF_INET && ss.ss_family == AF_INET) {
+        const struct sockaddr_in *a = (const struct sockaddr_in *) &ss;
+        const struct sockaddr_in *b = (const struct sockaddr_in *)
+                                      res->ai_addr;
+
+        same = a->sin_addr.s_addr == b->sin_addr.s_addr
+               && (b->sin_port == 0 || a->sin_port == b->sin_port);
+    } else if (res->ai_family == AF_INET6 && ss.ss_family == AF_INET6) {
+        const struct sockaddr_in6 *a = (const struct sockaddr_in6 *) &ss;
+        const struct sockaddr_in6 *b = (const struct sockaddr_in6 *)
+                                       res->ai_addr;
+
+        same = memcmp(&a->sin6_addr, &b->sin6_addr, sizeof(a->sin6_addr))
+               == 0 && (b->sin6_port == 0 || a->sin6_port == b->sin6_port);
+    }
+    freeaddrinfo(res);
+    if (!same) {
+        snprintf(err, errlen, "the running server listens on %s, not %s: "
+                 "an upgrade keeps the listening addresses (change them "
+                 "with a stop and a start)",
+                 gw_bound_addr(fd, "?", now, sizeof(now)), spec);
+        return GW_ERR;
+    }
+    /* ours now: kept from the next exec, non-blocking as gw_listen's */
+    fl = fcntl(fd, F_GETFL);
+    if (fcntl(fd, F_SETFD, FD_CLOEXEC) != 0 || fl < 0
+        || fcntl(fd, F_SETFL, fl | O_NONBLOCK) != 0) {
+        snprintf(err, errlen, "inherited fd %d: fcntl: %s", fd,
+                 strerror(errno));
+        return GW_ERR;
+    }
+    return GW_OK;
 }

@@ -81,4 +81,14 @@ void gw_opts_diff(const struct gw_opts *a, const struct gw_opts *b,
  * (non-blocking). Returns the fd, or -1 with a reason in err. */
 int gw_listen(const char *spec, int backlog, char *err, size_t errlen);
 
+/* Checks that fd, inherited from the master an upgrade replaces, is a
+ * listening TCP socket bound to spec's address (any port for a spec on
+ * port 0), and makes it close-on-exec and non-blocking. Returns GW_OK, or
+ * GW_ERR with a reason in err. */
+int gw_listen_inherited(int fd, const char *spec, char *err, size_t errlen);
+
+/* The address fd is bound to, "HOST:PORT" ("[V6]:PORT"), in buf (the port
+ * a listen on port 0 got too); spec when it cannot be told. */
+const char *gw_bound_addr(int fd, const char *spec, char *buf, size_t len);
+
 #endif

@@ -1,5 +1,5 @@
 /*
- * main.c -- the `paygate` command: run, exec, reload, help.
+ * main.c -- the `paygate` command: run, exec, reload, upgrade, help.
  */
 #include <errno.h>
 #include <getopt.h>
@@ -30,6 +30,8 @@ static const char usage_main[] =
 "  run APP_DIR     serve an app (its entry is APP_DIR/app.lua)\n"
 "  exec SCRIPT     run a Lua script inside the runtime (tests, tools)\n"
 "  reload          load new code into a running server (like kill -HUP)\n"
+"  upgrade         replace a running server's binary, no connection\n"
+"                  refused (like kill -USR2)\n"
 "  version         print the version\n"
 "  apikey          create, list and revoke merchant-API keys\n"
 "  audit           verify the audit trail's hash chains in a database\n"
@@ -75,7 +77,8 @@ static const char usage_run[] =
 "  --no-access-log       no line per request\n"
 "  -h, --help            this text\n"
 "\n"
-"signals: HUP reloads the code (and TLS files), TERM/INT stop gracefully.\n";
+"signals: HUP reloads the code (and TLS files), USR2 upgrades the binary\n"
+"(paygate upgrade --help), TERM/INT stop gracefully.\n";
 
 static const char usage_exec[] =
 "usage: paygate exec SCRIPT.lua [ARGS...]\n"
@@ -105,6 +108,24 @@ static const char usage_reload[] =
 "outcome: the signal is sent, and the server's log says how it ended.\n"
 "A master that has exited, even one its parent has not reaped yet (a\n"
 "zombie), ends the wait at once with exit 1.\n";
+
+static const char usage_upgrade[] =
+"usage: paygate upgrade --pid-file FILE [--timeout SECONDS]\n"
+"\n"
+"Replace the running server whose master pid is in FILE with the binary\n"
+"now at the path it was started from (the same as kill -USR2): a new\n"
+"master of that binary, with the same arguments (the config file and the\n"
+"app read again), takes over the listening sockets (it binds nothing:\n"
+"no connection is refused meanwhile), starts its workers, and once all\n"
+"of them have loaded the app, the old master stops as on TERM (its\n"
+"workers finish their requests). The pid file then names the new master.\n"
+"\n"
+"It waits for the outcome (default up to 90 s) and prints it: exit 0 when\n"
+"the new master serves, 1 when the upgrade failed (the new binary does\n"
+"not run, its configuration or the app does not load, it did not serve\n"
+"within 60 s, ...: the old master keeps serving) with the reason, or no\n"
+"outcome came in time. Shared dictionaries, metrics counters and TLS\n"
+"session tickets start afresh in the new master (README, Running).\n";
 
 /* Reads FILE.reload's outcome counter and line; 0 when there is none. */
 static int
@@ -255,6 +276,42 @@ app_not_found(const char *dir, int found)
     }
 }
 
+static char **main_argv;        /* main's argv: what an upgrade runs again */
+static char   self_exe[4096];   /* the binary it runs (self_path) */
+
+static int on_path(const char *name, char *buf, size_t size);
+
+/* The binary `paygate upgrade` starts: argv0 as it was found at the start
+ * (a path, made absolute, or a name looked up in $PATH), so that the file
+ * at that path when the upgrade comes is run -- a new build put there, or
+ * a symlink switched to one. /proc/self/exe's target when argv0 does not
+ * name this binary (started under another name). Returns buf. */
+static const char *
+self_path(const char *argv0, char *buf, size_t size)
+{
+    struct stat a, b;
+    char cwd[4096];
+    ssize_t n;
+    int found = 0;
+
+    if (strchr(argv0, '/') != NULL) {
+        if (argv0[0] == '/') {
+            found = snprintf(buf, size, "%s", argv0) < (int) size;
+        } else if (getcwd(cwd, sizeof(cwd)) != NULL) {
+            found = snprintf(buf, size, "%s/%s", cwd, argv0) < (int) size;
+        }
+    } else {
+        found = on_path(argv0, buf, size);
+    }
+    if (found && stat(buf, &a) == 0 && stat("/proc/self/exe", &b) == 0
+        && a.st_dev == b.st_dev && a.st_ino == b.st_ino) {
+        return buf;
+    }
+    n = readlink("/proc/self/exe", buf, size - 1);
+    buf[n > 0 ? n : 0] = '\0';
+    return buf;
+}
+
 static int
 cmd_run(int argc, char **argv)
 {
@@ -401,7 +458,9 @@ cmd_run(int argc, char **argv)
         app_not_found(argv[optind], o.app_dir != NULL);
         return 2;
     }
-    return gw_master_main(&o, config != NULL ? &file_opts : NULL);
+    return gw_master_main(&o, config != NULL ? &file_opts : NULL,
+                          self_path(main_argv[0], self_exe,
+                                    sizeof(self_exe)), main_argv);
 }
 
 /* Finds NAME (no '/') as a regular executable file in a $PATH folder, as a
@@ -490,15 +549,68 @@ cmd_lua(const char *name, int argc, char **argv)
     return gw_exec_main(script, argc - 1, argv + 1);
 }
 
+/* The master pid in pid_file, checked for `paygate NAME`: a live process
+ * (not a zombie) whose command is paygate; else 0, said on stderr. */
+static int
+master_pid(const char *name, const char *pid_file)
+{
+    char cmd[4096];
+    size_t n = 0;
+    FILE *f;
+    int pid = 0;
+
+    f = fopen(pid_file, "r");
+    if (f == NULL) {
+        fprintf(stderr, "paygate %s: cannot read %s: %s (is the server "
+                        "running with --pid-file?)\n", name, pid_file,
+                strerror(errno));
+        return 0;
+    }
+    if (fscanf(f, "%d", &pid) != 1 || pid <= 1) {
+        fclose(f);
+        fprintf(stderr, "paygate %s: %s holds no pid\n", name, pid_file);
+        return 0;
+    }
+    fclose(f);
+    if (is_zombie(pid)) {
+        /* (its cmdline reads empty: it would be called "not a paygate
+         * master" below, and the reason hidden) */
+        fprintf(stderr, "paygate %s: pid %d from %s has exited (a "
+                        "zombie: its parent has not reaped it); nothing "
+                        "signalled\n", name, pid, pid_file);
+        return 0;
+    }
+    {
+        /* a stale pid file may name another process now: HUP (USR2)
+         * ends most */
+        char path[64];
+        FILE *c;
+
+        snprintf(path, sizeof(path), "/proc/%d/cmdline", pid);
+        c = fopen(path, "r");
+        if (c != NULL) {
+            n = fread(cmd, 1, sizeof(cmd) - 1, c);
+            fclose(c);
+        }
+        cmd[n] = '\0';         /* argv[0] up to its NUL */
+        if (c == NULL || strstr(cmd, "paygate") == NULL) {
+            fprintf(stderr, "paygate %s: pid %d from %s is %s (a stale "
+                            "pid file?); nothing signalled\n", name, pid,
+                    pid_file, c == NULL ? "not running"
+                                        : "not a paygate master");
+            return 0;
+        }
+    }
+    return pid;
+}
+
 static int
 cmd_reload(int argc, char **argv)
 {
     const char *pid_file = NULL;
-    FILE *f;
     int pid = 0, wait = 1, before, timeout_given = 0;
     double timeout = 90;
     char line[1200], cmd[4096];
-    size_t n = 0;
 
     for (int i = 1; i < argc; i++) {
         if (is_help(argv[i])) {
@@ -544,45 +656,9 @@ cmd_reload(int argc, char **argv)
         fputs(usage_reload, stderr);
         return 2;
     }
-    f = fopen(pid_file, "r");
-    if (f == NULL) {
-        fprintf(stderr, "paygate reload: cannot read %s: %s (is the server "
-                        "running with --pid-file?)\n", pid_file,
-                strerror(errno));
+    pid = master_pid("reload", pid_file);
+    if (pid <= 0) {
         return 1;
-    }
-    if (fscanf(f, "%d", &pid) != 1 || pid <= 1) {
-        fclose(f);
-        fprintf(stderr, "paygate reload: %s holds no pid\n", pid_file);
-        return 1;
-    }
-    fclose(f);
-    if (is_zombie(pid)) {
-        /* (its cmdline reads empty: it would be called "not a paygate
-         * master" below, and the reason hidden) */
-        fprintf(stderr, "paygate reload: pid %d from %s has exited (a "
-                        "zombie: its parent has not reaped it); nothing "
-                        "signalled\n", pid, pid_file);
-        return 1;
-    }
-    {
-        /* a stale pid file may name another process now: HUP ends most */
-        char path[64];
-        FILE *c;
-
-        snprintf(path, sizeof(path), "/proc/%d/cmdline", pid);
-        c = fopen(path, "r");
-        if (c != NULL) {
-            n = fread(cmd, 1, sizeof(cmd) - 1, c);
-            fclose(c);
-        }
-        cmd[n] = '\0';         /* argv[0] up to its NUL */
-        if (c == NULL || strstr(cmd, "paygate") == NULL) {
-            fprintf(stderr, "paygate reload: pid %d from %s is %s (a stale "
-                            "pid file?); nothing signalled\n", pid, pid_file,
-                    c == NULL ? "not running" : "not a paygate master");
-            return 1;
-        }
     }
     snprintf(cmd, sizeof(cmd), "%s.reload", pid_file);
     if (wait && access(cmd, F_OK) != 0) {
@@ -655,6 +731,136 @@ cmd_reload(int argc, char **argv)
     return 1;
 }
 
+/* PID_FILE.upgrade's line "<owner> <n> <what>": the owner's pid (0 when
+ * there is no line), n in *n, what (its newline dropped) in what. */
+static int
+upgrade_outcome(const char *pid_file, int *n, char *what, size_t len)
+{
+    char path[4200], line[1200];
+    int owner = 0, at = 0;
+    FILE *f;
+
+    snprintf(path, sizeof(path), "%s.upgrade", pid_file);
+    what[0] = '\0';
+    f = fopen(path, "r");
+    if (f == NULL) {
+        return 0;
+    }
+    if (fgets(line, sizeof(line), f) == NULL
+        || sscanf(line, "%d %d %n", &owner, n, &at) != 2) {
+        owner = 0;
+    } else {
+        line[strcspn(line, "\n")] = '\0';
+        snprintf(what, len, "%s", line + at);
+    }
+    fclose(f);
+    return owner;
+}
+
+static int
+cmd_upgrade(int argc, char **argv)
+{
+    const char *pid_file = NULL;
+    int pid, owner, before = 0, n = 0;
+    double timeout = 90;
+    char what[1200], done[64];
+
+    for (int i = 1; i < argc; i++) {
+        if (is_help(argv[i])) {
+            fputs(usage_upgrade, stdout);
+            return 0;
+        }
+        if (strcmp(argv[i], "--pid-file") == 0 && i + 1 < argc) {
+            pid_file = argv[++i];
+        } else if (strncmp(argv[i], "--pid-file=", 11) == 0) {
+            pid_file = argv[i] + 11;
+        } else if ((strcmp(argv[i], "--timeout") == 0 && i + 1 < argc)
+                   || strncmp(argv[i], "--timeout=", 10) == 0) {
+            const char *v = argv[i][9] == '=' ? argv[i] + 10 : argv[++i];
+            char *end;
+
+            timeout = strtod(v, &end);
+            if (end == v || *end != '\0' || !(timeout > 0)
+                || timeout > 3600) {
+                fprintf(stderr, "paygate upgrade: --timeout must be in "
+                                "(0, 3600] seconds\n");
+                return 2;
+            }
+        } else if (strcmp(argv[i], "--pid-file") == 0
+                   || strcmp(argv[i], "--timeout") == 0) {
+            fprintf(stderr, "paygate upgrade: %s needs a value (see paygate "
+                    "upgrade --help)\n", argv[i]);
+            return 2;
+        } else {
+            int len = (int) strcspn(argv[i], "=");
+
+            fprintf(stderr, "paygate upgrade: unknown %s %.*s (see paygate "
+                    "upgrade --help)\n", argv[i][0] == '-' ? "option"
+                    : "argument", len > 100 ? 100 : len, argv[i]);
+            return 2;
+        }
+    }
+    if (pid_file == NULL) {
+        fputs(usage_upgrade, stderr);
+        return 2;
+    }
+    pid = master_pid("upgrade", pid_file);
+    if (pid <= 0) {
+        return 1;
+    }
+    /* USR2 ends a process that does not handle it: only a master that
+     * wrote FILE.upgrade (it handles USR2) is signalled */
+    owner = upgrade_outcome(pid_file, &before, what, sizeof(what));
+    if (owner != pid) {
+        fprintf(stderr, "paygate upgrade: pid %d did not write %s.upgrade: "
+                "it is no master that upgrades (a paygate older than "
+                "`paygate upgrade`, or a pid file written by hand: USR2 "
+                "would stop it); nothing signalled\n", pid, pid_file);
+        return 1;
+    }
+    if (strcmp(what, "upgrading") == 0) {
+        fprintf(stderr, "paygate upgrade: pid %d is upgrading already; "
+                "nothing signalled\n", pid);
+        return 1;
+    }
+    if (kill(pid, SIGUSR2) != 0) {
+        fprintf(stderr, "paygate upgrade: cannot signal pid %d: %s\n", pid,
+                strerror(errno));
+        return 1;
+    }
+    snprintf(done, sizeof(done), "ready, upgraded from %d", pid);
+    for (double waited = 0; waited < timeout; waited += 0.05) {
+        struct timespec ts = { 0, 50 * 1000 * 1000 };
+        /* asked before the outcome is read, as paygate reload does */
+        int exited = kill(pid, 0) != 0;
+        int zombie = !exited && is_zombie(pid);
+
+        owner = upgrade_outcome(pid_file, &n, what, sizeof(what));
+        if (owner > 0 && owner != pid && strcmp(what, done) == 0) {
+            printf("paygate upgrade: done, pid %d serves (all its workers "
+                   "loaded the app); pid %d finishes its requests and "
+                   "exits\n", owner, pid);
+            return 0;
+        }
+        if (owner == pid && n > before
+            && strncmp(what, "refused: ", 9) == 0) {
+            fprintf(stderr, "paygate upgrade: %s; pid %d keeps serving\n",
+                    what, pid);
+            return 1;
+        }
+        if (exited || zombie) {
+            fprintf(stderr, "paygate upgrade: pid %d exited before the "
+                            "upgrade ended%s\n", pid, zombie ? " (a zombie: "
+                            "its parent has not reaped it)" : "");
+            return 1;
+        }
+        nanosleep(&ts, NULL);
+    }
+    fprintf(stderr, "paygate upgrade: no outcome from pid %d within %g s "
+                    "(see its log)\n", pid, timeout);
+    return 1;
+}
+
 /* No core dumps, soft or hard limit: a crashed process's memory holds
  * the secrets it read (private keys, APIv3 keys, webhook secrets, store
  * passwords), and a core file (or a dump piped to systemd-coredump, which
@@ -714,6 +920,9 @@ dispatch(int argc, char **argv)
     if (strcmp(cmd, "reload") == 0) {
         return cmd_reload(argc - 1, argv + 1);
     }
+    if (strcmp(cmd, "upgrade") == 0) {
+        return cmd_upgrade(argc - 1, argv + 1);
+    }
     for (int i = 0; lua_cmds[i] != NULL; i++) {
         if (strcmp(cmd, lua_cmds[i]) == 0) {
             return cmd_lua(cmd, argc - 1, argv + 1);
@@ -753,9 +962,74 @@ output_written(int code)
     return code;
 }
 
+/* An upgrade's new master: what it writes on stderr goes on to fd 2 as
+ * ever, and its last line is kept, so that a failure before it serves (a
+ * configuration error, "paygate: config.lua: ...") reaches the old master
+ * and `paygate upgrade` too, not the log alone. */
+static char tee_line[400];      /* the last whole line, or "" */
+static char tee_cur[400];       /* the line being written */
+static size_t tee_len;          /* bytes in tee_cur */
+
+static ssize_t
+tee_write(void *cookie, const char *buf, size_t size)
+{
+    size_t off = 0;
+
+    while (off < size) {
+        ssize_t w = write(STDERR_FILENO, buf + off, size - off);
+
+        if (w < 0 && errno == EINTR) {
+            continue;
+        }
+        if (w <= 0) {
+            break;
+        }
+        off += (size_t) w;
+    }
+    for (size_t i = 0; i < size; i++) {
+        if (buf[i] == '\n') {
+            if (tee_len > 0) {
+                memcpy(tee_line, tee_cur, tee_len);
+                tee_line[tee_len] = '\0';
+            }
+            tee_len = 0;
+        } else if (tee_len < sizeof(tee_cur) - 1) {
+            tee_cur[tee_len++] = buf[i];
+        }
+    }
+    return (ssize_t) size;
+}
+
+static void
+tee_stderr(void)
+{
+    cookie_io_functions_t io = { NULL, tee_write, NULL, NULL };
+    FILE *f = fopencookie(NULL, "w", io);
+
+    if (f != NULL) {
+        setvbuf(f, NULL, _IONBF, 0);
+        stderr = f;         /* glibc's stderr is a variable: ours now */
+    }
+}
+
 int
 main(int argc, char **argv)
 {
+    char err[256];
+    int code, upgrading;
+
     no_core_dumps();
-    return output_written(dispatch(argc, argv));
+    main_argv = argv;
+    upgrading = gw_upgrade_env(err, sizeof(err));
+    if (upgrading < 0) {
+        fprintf(stderr, "paygate: %s\n", err);
+        return 2;
+    }
+    if (upgrading) {
+        tee_stderr();
+    }
+    code = output_written(dispatch(argc, argv));
+    /* an upgrade's new master that stopped before it took over: why */
+    gw_upgrade_failed(tee_line);
+    return code;
 }

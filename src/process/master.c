@@ -3,7 +3,10 @@
  * the ones that die, reloads code on HUP by starting a new generation and
  * draining the old one only once every new worker has loaded the app (the
  * new workers accept nothing until then), and serves the admin listener
- * (/metrics, /healthz).
+ * (/metrics, /healthz). On USR2 (`paygate upgrade`) it starts the binary
+ * found where it was started from as a new master, which takes over its
+ * listening sockets (nothing binds again, nothing is refused) and tells it
+ * to stop gracefully once all its own workers serve.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -39,6 +42,8 @@
 #define ADMIN_MAX_CONNS 64      /* admin clients at once; more wait */
 #define ADMIN_DEADLINE 5.0      /* s from accept to a whole request head */
 #define WATCHDOG_EVERY 0.5      /* s between the watchdog's looks */
+#define UPGRADE_TIMEOUT 60      /* s for an upgrade's new master to serve */
+#define INHERIT_ENV "PAYGATE_INHERIT"   /* what an upgrade hands over */
 
 enum wstate { W_FREE, W_STARTING, W_READY, W_DRAINING };
 
@@ -94,7 +99,36 @@ static struct {
                                        worker closes their fds after fork */
     double            admin_by[ADMIN_MAX_CONNS]; /* each one's deadline for
                                        its request head (monotonic s) */
+    char              start_why[400]; /* why the first generation did not
+                                       start, when a worker said, or "" */
+    int               exit_code;    /* 1: stopped for a failed upgrade */
+    /* an upgrade this master makes (USR2): */
+    pid_t             upgrade_pid;  /* the new master, until it serves or
+                                       fails; 0 when none */
+    int               upgrade_fd;   /* our end of its socket, or -1 */
+    struct event     *upgrade_ev;   /* owned: watches upgrade_fd */
+    struct event     *upgrade_timer; /* owned: UPGRADE_TIMEOUT */
+    int               upgrades;     /* upgrades asked for (PID_FILE.upgrade) */
+    /* this master as an upgrade's new one: */
+    struct event     *handover_ev;  /* owned: watches up.fd for the go */
+    int               handover_sent; /* 'R' sent: all our workers serve */
 } m;
+
+/* What an upgrade's old master handed this one (PAYGATE_INHERIT, read by
+ * gw_upgrade_env() before anything else): fds inherited across exec. */
+static struct {
+    int               listen_fd;    /* the public listener, or -1 */
+    int               admin_fd;     /* the admin listener, or -1 */
+    int               fd;           /* socket to the old master, or -1 when
+                                       this master is not an upgrade's or
+                                       has taken over (or failed) */
+    pid_t             from;         /* the old master */
+} up = { -1, -1, -1, 0 };
+
+/* The binary to start for an upgrade, and the arguments (main's argv:
+ * not owned), as `paygate run` was started. */
+static const char    *self_exe;
+static char         **self_argv;
 
 /* The runtime keys of the config file as the master started with them
  * (over the defaults, before any flag), and as a reload finds them: what
@@ -113,6 +147,21 @@ stop_deadline(void)
 static int spawn_worker(int gen);
 static void reload_abort(const char *why);
 static void announce(void);
+static void upgrade_refused(const char *why);
+static void upgrade_reaped(int status);
+static void handover_ready(void);
+static void on_term(evutil_socket_t sig, short what, void *arg);
+
+/* Whether a worker of the first generation that fails to load ends this
+ * master's start: before any worker served, and, for an upgrade's new
+ * master, until it has taken over (the old one serves meanwhile, and a
+ * worker restarted again and again would only hold the upgrade until its
+ * timeout). */
+static int
+start_failing(void)
+{
+    return !m.served || up.fd >= 0;
+}
 
 static int
 count(int gen, enum wstate st)
@@ -238,31 +287,41 @@ go(struct gw_worker *wk)
     drop_ready(wk);
 }
 
-/*
- * Records how the last reload ended in PID_FILE.reload, for `paygate
- * reload` to report: "<n> ok generation <g>" or "<n> refused: <why>",
- * where n counts reload outcomes ("<n> loading" while one is made).
- * Written to a temporary file and renamed, so a reader never sees half a
- * line. Best effort: the log says it too.
- */
+/* Writes line (and a newline) to PID_FILE + suffix: a temporary file
+ * renamed over it, so a reader never sees half a line. Best effort: the
+ * log says it too. */
 static int
-reload_line(int n, const char *what)
+status_file(const char *suffix, const char *line)
 {
     char path[1100], tmp[1120];
     FILE *f;
 
-    snprintf(path, sizeof(path), "%s.reload", m.o->pid_file);
+    snprintf(path, sizeof(path), "%s%s", m.o->pid_file, suffix);
     snprintf(tmp, sizeof(tmp), "%s.tmp", path);
     f = fopen(tmp, "w");
     if (f == NULL) {
         return GW_ERR;
     }
-    fprintf(f, "%d %s\n", n, what);
+    fprintf(f, "%s\n", line);
     if (fclose(f) != 0) {
         unlink(tmp);
         return GW_ERR;
     }
     return rename(tmp, path) == 0 ? GW_OK : GW_ERR;
+}
+
+/*
+ * Records how the last reload ended in PID_FILE.reload, for `paygate
+ * reload` to report: "<n> ok generation <g>" or "<n> refused: <why>",
+ * where n counts reload outcomes ("<n> loading" while one is made).
+ */
+static int
+reload_line(int n, const char *what)
+{
+    char line[1100];
+
+    snprintf(line, sizeof(line), "%d %s", n, what);
+    return status_file(".reload", line);
 }
 
 static void
@@ -371,40 +430,6 @@ reload_commit(void)
     }
 }
 
-/* The address fd is bound to, as HOST:PORT ([HOST]:PORT for IPv6): the
- * port the kernel picked for a listen on port 0 too. spec when it cannot
- * be told. */
-static const char *
-bound_addr(int fd, const char *spec, char *buf, size_t len)
-{
-    struct sockaddr_storage ss;
-    socklen_t sl = sizeof(ss);
-    char host[INET6_ADDRSTRLEN];
-
-    if (getsockname(fd, (struct sockaddr *) &ss, &sl) != 0) {
-        return spec;
-    }
-    if (ss.ss_family == AF_INET) {
-        struct sockaddr_in *a = (struct sockaddr_in *) &ss;
-
-        if (inet_ntop(AF_INET, &a->sin_addr, host, sizeof(host)) == NULL) {
-            return spec;
-        }
-        snprintf(buf, len, "%s:%u", host, (unsigned) ntohs(a->sin_port));
-        return buf;
-    }
-    if (ss.ss_family == AF_INET6) {
-        struct sockaddr_in6 *a = (struct sockaddr_in6 *) &ss;
-
-        if (inet_ntop(AF_INET6, &a->sin6_addr, host, sizeof(host)) == NULL) {
-            return spec;
-        }
-        snprintf(buf, len, "[%s]:%u", host, (unsigned) ntohs(a->sin6_port));
-        return buf;
-    }
-    return spec;
-}
-
 /* The first worker is ready: only now does the master say it is serving,
  * so an app that refuses its configuration leaves just its own line. It
  * names the addresses as bound (a listen on port 0 gets its port here). */
@@ -420,10 +445,10 @@ announce(void)
     m.served = 1;
     gw_log(GW_LOG_INFO, "paygate: serving %s on %s%s with %d worker%s%s%s",
            o->app_dir, m.ssl_ctx ? "https://" : "http://",
-           bound_addr(m.listen_fd, o->listen, lbuf, sizeof(lbuf)),
+           gw_bound_addr(m.listen_fd, o->listen, lbuf, sizeof(lbuf)),
            o->workers, o->workers == 1 ? "" : "s",
            m.admin_fd >= 0 ? "; admin on " : "",
-           m.admin_fd >= 0 ? bound_addr(m.admin_fd, o->admin, abuf,
+           m.admin_fd >= 0 ? gw_bound_addr(m.admin_fd, o->admin, abuf,
                                         sizeof(abuf)) : "");
 }
 
@@ -444,7 +469,9 @@ on_ready(evutil_socket_t fd, short what, void *arg)
     if (n == 1 && c == 'R') {
         wk->state = W_READY;
         announce();
-        if (wk->gen != m.next_gen) {
+        if (wk->gen != m.next_gen && up.fd >= 0 && !m.handover_sent) {
+            handover_ready();   /* goes them all once all have loaded */
+        } else if (wk->gen != m.next_gen) {
             go(wk);         /* the serving generation: a start, a restart */
         } else if (count(m.next_gen, W_READY) == m.o->workers) {
             reload_commit();    /* tells the whole generation to go */
@@ -462,8 +489,11 @@ on_ready(evutil_socket_t fd, short what, void *arg)
             load_failure(buf, n, why, sizeof(why));
         }
         reload_abort(why);
-    } else if (!m.served && !m.stopping) {
+    } else if (start_failing() && !m.stopping) {
         m.failed_start = 1;
+        if (m.start_why[0] == '\0') {
+            load_failure(buf, n, m.start_why, sizeof(m.start_why));
+        }
     }
 }
 
@@ -509,6 +539,14 @@ spawn_worker(int gen)
         close(p[0]);
         if (m.admin_fd >= 0) {
             close(m.admin_fd);
+        }
+        /* an upgrade's sockets: a worker holding one would keep its EOF
+         * from the master at the other end */
+        if (m.upgrade_fd >= 0) {
+            close(m.upgrade_fd);
+        }
+        if (up.fd >= 0) {
+            close(up.fd);
         }
         /* the admin clients' sockets too: held here, a connection the
          * master closes would stay open (no EOF for its client) for as
@@ -820,6 +858,9 @@ on_chld(evutil_socket_t sig, short what, void *arg)
             }
         }
         if (wk == NULL) {
+            if (pid == m.upgrade_pid) {
+                upgrade_reaped(status);
+            }
             continue;
         }
         describe_exit(wk, status, why, sizeof(why));
@@ -846,10 +887,20 @@ on_chld(evutil_socket_t sig, short what, void *arg)
             }
             reload_abort(reason);
             continue;
-        } else if (wk->state == W_STARTING && !m.served) {
+        } else if (wk->state == W_STARTING && start_failing()) {
             m.failed_start = 1;
             if (WIFEXITED(status) && WEXITSTATUS(status) == 2) {
                 m.start_code = 2;
+            }
+            if (m.start_why[0] != '\0') {
+                /* said already ('F', read by on_ready) */
+            } else if (said > 0 && msg[0] == 'F') {
+                load_failure(msg, said, m.start_why, sizeof(m.start_why));
+            } else if (wk->stalled > 0) {
+                stall_reason(wk, m.start_why, sizeof(m.start_why));
+            } else {
+                snprintf(m.start_why, sizeof(m.start_why), "a worker %s "
+                         "while loading the app", why);
             }
             /* exit 2: the app refused its configuration and has written
              * its one-line reason; the master adds nothing at info */
@@ -920,6 +971,11 @@ on_term(evutil_socket_t sig, short what, void *arg)
     }
     m.stopping = 1;
     gw_log(GW_LOG_INFO, "master: stopping (draining in-flight requests)");
+    if (m.upgrade_pid != 0) {
+        /* its workers serve beside ours, maybe: it stops as we do */
+        kill(m.upgrade_pid, SIGTERM);
+        upgrade_refused("the server was told to stop");
+    }
     if (m.ticket_ev != NULL) {
         event_del(m.ticket_ev);
     }
@@ -1122,30 +1178,406 @@ on_admin_accept(evutil_socket_t lfd, short what, void *arg)
     bufferevent_enable(bev, EV_READ);
 }
 
-/* ---- entry ---------------------------------------------------------- */
+/* ---- binary upgrade (USR2, `paygate upgrade`) ------------------------ */
 
+/* The pid PATH holds, or 0. */
 static int
-write_pid_file(const char *path)
+pid_file_pid(const char *path)
 {
-    FILE *f = fopen(path, "w");
+    FILE *f = fopen(path, "r");
+    int pid = 0;
 
     if (f == NULL) {
-        return GW_ERR;
+        return 0;
     }
-    fprintf(f, "%d\n", (int) getpid());
-    return fclose(f) == 0 ? GW_OK : GW_ERR;
+    if (fscanf(f, "%d", &pid) != 1) {
+        pid = 0;
+    }
+    fclose(f);
+    return pid;
+}
+
+/*
+ * PID_FILE.upgrade, for `paygate upgrade`: "<owner> <n> <what>", owner the
+ * master that handles the pid file's USR2, n the upgrades it was asked for:
+ * "P 0 ready" (it upgrades: a master that does not would die of USR2),
+ * "P n upgrading", "P n refused: <why>", and on success the new master's
+ * "N 0 ready, upgraded from P". Only with a pid file.
+ */
+static void
+upgrade_line(int owner, int n, const char *what)
+{
+    char line[600];
+
+    if (m.o->pid_file[0] == '\0') {
+        return;
+    }
+    snprintf(line, sizeof(line), "%d %d %s", owner, n, what);
+    status_file(".upgrade", line);
+}
+
+/* Forgets the upgrade in progress (its new master is left as it is). */
+static void
+upgrade_forget(void)
+{
+    if (m.upgrade_ev != NULL) {
+        event_free(m.upgrade_ev);
+        m.upgrade_ev = NULL;
+    }
+    if (m.upgrade_fd >= 0) {
+        close(m.upgrade_fd);
+        m.upgrade_fd = -1;
+    }
+    if (m.upgrade_timer != NULL) {
+        evtimer_del(m.upgrade_timer);
+    }
+    m.upgrade_pid = 0;
+}
+
+static void
+upgrade_refused(const char *why)
+{
+    char what[500];
+
+    upgrade_forget();
+    gw_log(GW_LOG_ERROR, "upgrade refused: %s; pid %d keeps serving", why,
+           (int) getpid());
+    snprintf(what, sizeof(what), "refused: %s", why);
+    upgrade_line((int) getpid(), m.upgrades, what);
+}
+
+/* Why the new master (pid) failed, from what it said (n bytes in buf, room
+ * for a NUL after them) or else how it ended (status, when reaped; -1
+ * when it has not ended yet). */
+static void
+upgrade_reason(pid_t pid, char *buf, ssize_t n, int status, char *why,
+               size_t len)
+{
+    if (n > 1 && buf[0] == 'F') {
+        buf[n] = '\0';
+        for (char *p = buf + 1; *p != '\0'; p++) {
+            if ((unsigned char) *p < 0x20) {
+                *p = ' ';
+            }
+        }
+        snprintf(why, len, "the new master (pid %d) did not start: %s",
+                 (int) pid, buf + 1);
+    } else if (status != -1) {
+        static const struct gw_worker none;    /* not killed for a stall */
+        char how[128];
+
+        describe_exit(&none, status, how, sizeof(how));
+        snprintf(why, len, "the new master (pid %d) %s before serving (its "
+                 "log lines say why)", (int) pid, how);
+    } else {
+        snprintf(why, len, "the new master (pid %d) closed its socket "
+                 "before serving (its log lines say why)", (int) pid);
+    }
+}
+
+/* Its new master has ended before serving: what it said, or its exit. */
+static void
+upgrade_reaped(int status)
+{
+    char buf[400], why[600];
+    ssize_t n = 0;
+    pid_t pid = m.upgrade_pid;
+
+    if (m.upgrade_fd >= 0) {
+        n = recv(m.upgrade_fd, buf, sizeof(buf) - 1, MSG_DONTWAIT);
+    }
+    upgrade_reason(pid, buf, n, status, why, sizeof(why));
+    upgrade_refused(why);
+}
+
+/* The new master's workers all serve ('R'): it is told to go on ('G' and
+ * the reload outcomes counted so far, so PID_FILE.reload numbers on), the
+ * pid file names it, and this master stops as on TERM (its workers drain;
+ * the listening sockets stay open in the new master: nothing is refused). */
+static void
+upgrade_done(void)
+{
+    pid_t pid = m.upgrade_pid;
+    char go_msg[32], what[128];
+    int len = snprintf(go_msg, sizeof(go_msg), "G%d", m.reloads_done);
+
+    if (send(m.upgrade_fd, go_msg, (size_t) len, MSG_NOSIGNAL) != len) {
+        char why[200];
+
+        snprintf(why, sizeof(why), "the new master (pid %d) went away as "
+                 "it was taking over: %s", (int) pid, strerror(errno));
+        kill(pid, SIGTERM);
+        upgrade_refused(why);
+        return;
+    }
+    upgrade_forget();
+    if (m.o->pid_file[0] != '\0') {
+        char line[32];
+
+        snprintf(line, sizeof(line), "%d", (int) pid);
+        if (status_file("", line) != GW_OK) {
+            gw_log(GW_LOG_ERROR, "upgrade: cannot write the new master's "
+                   "pid to %s: %s", m.o->pid_file, strerror(errno));
+        }
+        snprintf(what, sizeof(what), "ready, upgraded from %d",
+                 (int) getpid());
+        upgrade_line((int) pid, 0, what);
+    }
+    gw_log(GW_LOG_INFO, "upgrade: the new master (pid %d) serves with all "
+           "its workers; this one (pid %d) stops gracefully", (int) pid,
+           (int) getpid());
+    on_term(SIGTERM, 0, NULL);
+}
+
+static void
+on_upgrade_msg(evutil_socket_t fd, short what, void *arg)
+{
+    char buf[400], why[600];
+    ssize_t n = recv(fd, buf, sizeof(buf) - 1, MSG_DONTWAIT);
+
+    if (n < 0 && (errno == EAGAIN || errno == EINTR)) {
+        return;
+    }
+    if (n >= 1 && buf[0] == 'R') {
+        upgrade_done();
+        return;
+    }
+    if (n > 1 && buf[0] == 'F') {
+        /* it exits by itself: its reaping finds nothing more to do */
+        upgrade_reason(m.upgrade_pid, buf, n, -1, why, sizeof(why));
+        upgrade_refused(why);
+        return;
+    }
+    /* EOF without a word (a crash, an exit before it could say): its
+     * reaping gives the reason */
+    event_free(m.upgrade_ev);
+    m.upgrade_ev = NULL;
+}
+
+static void
+on_upgrade_timeout(evutil_socket_t fd, short what, void *arg)
+{
+    char why[200];
+
+    snprintf(why, sizeof(why), "the new master (pid %d) did not serve "
+             "within %d s (a worker loading the app, or waiting for "
+             "something it needs; its log lines say what)",
+             (int) m.upgrade_pid, UPGRADE_TIMEOUT);
+    kill(m.upgrade_pid, SIGTERM);   /* it stops its workers gracefully */
+    upgrade_refused(why);
+}
+
+/*
+ * USR2: starts self_exe with self_argv as a new master, in a child of
+ * this one, handing it the listening sockets (their fds kept open across
+ * exec, the numbers in PAYGATE_INHERIT with the socket it reports on and
+ * this master's pid: no secret). It binds nothing, starts its workers, and
+ * says 'R' once they all have loaded (they accept only then); or 'F' and
+ * why, or it exits. Either way this master serves on until then.
+ */
+static void
+on_usr2(evutil_socket_t sig, short what, void *arg)
+{
+    struct timeval tv = { UPGRADE_TIMEOUT, 0 };
+    char env[200], why[300];
+    int p[2];
+    pid_t pid;
+
+    if (m.upgrade_pid != 0) {
+        gw_log(GW_LOG_WARN, "upgrade: one is in progress already (the new "
+               "master is pid %d); this USR2 is ignored",
+               (int) m.upgrade_pid);
+        return;
+    }
+    m.upgrades++;
+    if (m.stopping || !m.served) {
+        upgrade_refused(m.stopping ? "the server is stopping"
+                                   : "the server is not serving yet");
+        return;
+    }
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, p) != 0) {
+        snprintf(why, sizeof(why), "socketpair: %s", strerror(errno));
+        upgrade_refused(why);
+        return;
+    }
+    snprintf(env, sizeof(env), INHERIT_ENV "=listen=%d,admin=%d,socket=%d,"
+             "from=%d", m.listen_fd, m.admin_fd, p[1], (int) getpid());
+    gw_log(GW_LOG_INFO, "upgrade: starting %s as a new master", self_exe);
+    pid = fork();
+    if (pid < 0) {
+        snprintf(why, sizeof(why), "fork: %s", strerror(errno));
+        close(p[0]);
+        close(p[1]);
+        upgrade_refused(why);
+        return;
+    }
+    if (pid == 0) {
+        sigset_t all;
+        char msg[600];
+        int e, len;
+
+        /* no signal may run this master's handlers here (they would
+         * write to its loop's signal socket); the new master unblocks
+         * them once it has read PAYGATE_INHERIT */
+        sigfillset(&all);
+        sigprocmask(SIG_SETMASK, &all, NULL);
+        close(p[0]);
+        fcntl(m.listen_fd, F_SETFD, 0);
+        if (m.admin_fd >= 0) {
+            fcntl(m.admin_fd, F_SETFD, 0);
+        }
+        fcntl(p[1], F_SETFD, 0);
+        putenv(env);
+        execv(self_exe, self_argv);
+        e = errno;
+        len = snprintf(msg, sizeof(msg), "Fcannot run %s: %s", self_exe,
+                       strerror(e));
+        if (write(p[1], msg, (size_t) len) < 0) {
+            /* the exit status says it */
+        }
+        _exit(127);
+    }
+    close(p[1]);
+    m.upgrade_pid = pid;
+    m.upgrade_fd = p[0];
+    m.upgrade_ev = event_new(gw_loop_base(), p[0], EV_READ | EV_PERSIST,
+                             on_upgrade_msg, NULL);
+    if (m.upgrade_ev == NULL || event_add(m.upgrade_ev, NULL) != 0
+        || evtimer_add(m.upgrade_timer, &tv) != 0) {
+        kill(pid, SIGTERM);
+        upgrade_refused("cannot watch the new master (no memory)");
+        return;
+    }
+    upgrade_line((int) getpid(), m.upgrades, "upgrading");
+}
+
+/* The new master: once its whole first generation has loaded the app,
+ * tells it to accept and the old master that it serves ('R'). */
+static void
+handover_ready(void)
+{
+    if (count(m.gen, W_READY) < m.o->workers) {
+        return;
+    }
+    for (int i = 0; i < MAX_WORKERS; i++) {
+        if (m.w[i].pid != 0 && m.w[i].gen == m.gen) {
+            go(&m.w[i]);
+        }
+    }
+    m.handover_sent = 1;
+    if (send(up.fd, "R", 1, MSG_NOSIGNAL) != 1) {
+        /* gone: its EOF stops this master (on_handover) */
+    }
+    gw_log(GW_LOG_INFO, "upgrade: all %d worker%s serving beside the old "
+           "master's (pid %d); asking it to stop", m.o->workers,
+           m.o->workers == 1 ? "" : "s", (int) up.from);
+}
+
+/* The new master: the old one's answer. 'G' (and its reload count): this
+ * master owns the pid file now. EOF: it refused (a timeout, a stop) or is
+ * gone, and the pid file is not ours: this master stops. */
+static void
+on_handover(evutil_socket_t fd, short what, void *arg)
+{
+    char buf[32];
+    ssize_t n = recv(fd, buf, sizeof(buf) - 1, MSG_DONTWAIT);
+    int done = 0;
+
+    if (n < 0 && (errno == EAGAIN || errno == EINTR)) {
+        return;
+    }
+    if (n > 1 && buf[0] == 'G' && m.handover_sent) {
+        buf[n] = '\0';
+        m.reloads_done = atoi(buf + 1);
+        done = 1;
+    }
+    event_free(m.handover_ev);
+    m.handover_ev = NULL;
+    close(up.fd);
+    up.fd = -1;
+    if (done) {
+        gw_log(GW_LOG_INFO, "upgrade: took over from pid %d (it drains "
+               "and exits)", (int) up.from);
+        return;
+    }
+    gw_log(GW_LOG_ERROR, "upgrade: the old master (pid %d) did not hand "
+           "over (it gave up on this upgrade, or it exited); stopping",
+           (int) up.from);
+    m.exit_code = 1;
+    on_term(SIGTERM, 0, NULL);
 }
 
 int
-gw_master_main(struct gw_opts *o, const struct gw_opts *file)
+gw_upgrade_env(char *err, size_t errlen)
+{
+    const char *v = getenv(INHERIT_ENV);
+    int listen_fd = -1, admin_fd = -1, fd = -1, from = 0, used = 0;
+    sigset_t none;
+
+    if (v == NULL) {
+        return 0;
+    }
+    /* the old master blocked every signal before it ran us */
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+    if (sscanf(v, "listen=%d,admin=%d,socket=%d,from=%d%n", &listen_fd,
+               &admin_fd, &fd, &from, &used) != 4 || v[used] != '\0'
+        || listen_fd < 3 || fd < 3 || from <= 1
+        || (admin_fd < 3 && admin_fd != -1)) {
+        snprintf(err, errlen, INHERIT_ENV " is set but malformed (it is "
+                 "for the new master of a `paygate upgrade` only)");
+        unsetenv(INHERIT_ENV);
+        return -1;
+    }
+    unsetenv(INHERIT_ENV);      /* not for the workers, nor what they run */
+    fcntl(fd, F_SETFD, FD_CLOEXEC);
+    up.listen_fd = listen_fd;
+    up.admin_fd = admin_fd;
+    up.fd = fd;
+    up.from = (pid_t) from;
+    return 1;
+}
+
+void
+gw_upgrade_failed(const char *why)
+{
+    char msg[400];
+    int len;
+
+    if (up.fd < 0) {
+        return;
+    }
+    if (strncmp(why, "paygate: ", 9) == 0) {
+        why += 9;
+    }
+    len = snprintf(msg, sizeof(msg), "F%s", why[0] != '\0' ? why
+                   : "it stopped before serving (its log lines say why)");
+    if (len >= (int) sizeof(msg)) {
+        len = (int) sizeof(msg) - 1;
+    }
+    if (send(up.fd, msg, (size_t) len, MSG_NOSIGNAL) < 0) {
+        /* gone: nobody left to tell */
+    }
+    close(up.fd);
+    up.fd = -1;
+}
+
+/* ---- entry ---------------------------------------------------------- */
+
+int
+gw_master_main(struct gw_opts *o, const struct gw_opts *file,
+               const char *exe, char **argv)
 {
     char err[512];
-    struct event *hup, *term, *intr, *chld;
+    struct event *hup, *term, *intr, *chld, *usr2;
     int code = 0;
 
     memset(&m, 0, sizeof(m));
     m.o = o;
     m.admin_fd = -1;
+    m.upgrade_fd = -1;
+    self_exe = exe;
+    self_argv = argv;
     gw_log_min = o->log_level;
     if (o->near_miss[0] != '\0') {
         gw_log(GW_LOG_WARN, "config %s: %s: not runtime keys, so the "
@@ -1190,7 +1622,18 @@ gw_master_main(struct gw_opts *o, const struct gw_opts *file)
                         "--tls-cert and --tls-key\n");
         return 2;
     }
-    m.listen_fd = gw_listen(o->listen, 4096, err, sizeof(err));
+    if (up.fd >= 0) {
+        /* an upgrade's new master: the old one's sockets, bound to the
+         * addresses this configuration gives, or nothing */
+        if (gw_listen_inherited(up.listen_fd, o->listen, err,
+                                sizeof(err)) != GW_OK) {
+            fprintf(stderr, "paygate: %s\n", err);
+            return 2;
+        }
+        m.listen_fd = up.listen_fd;
+    } else {
+        m.listen_fd = gw_listen(o->listen, 4096, err, sizeof(err));
+    }
     if (m.listen_fd < 0) {
         fprintf(stderr, "paygate: %s\n", err);
         return 2;
@@ -1202,7 +1645,21 @@ gw_master_main(struct gw_opts *o, const struct gw_opts *file)
                         "\"off\" for no admin listener\n");
         return 2;
     }
-    if (strcmp(o->admin, "off") != 0) {
+    if (up.fd >= 0 && (up.admin_fd >= 0) != (strcmp(o->admin, "off") != 0)) {
+        fprintf(stderr, "paygate: admin is %s, but the running server has "
+                "%s: an upgrade keeps the listening addresses (change "
+                "them with a stop and a start)\n", o->admin,
+                up.admin_fd >= 0 ? "an admin listener" : "none");
+        return 2;
+    }
+    if (up.fd >= 0 && up.admin_fd >= 0) {
+        if (gw_listen_inherited(up.admin_fd, o->admin, err,
+                                sizeof(err)) != GW_OK) {
+            fprintf(stderr, "paygate: admin: %s\n", err);
+            return 2;
+        }
+        m.admin_fd = up.admin_fd;
+    } else if (strcmp(o->admin, "off") != 0) {
         m.admin_fd = gw_listen(o->admin, 64, err, sizeof(err));
         if (m.admin_fd < 0) {
             fprintf(stderr, "paygate: admin: %s\n", err);
@@ -1237,6 +1694,8 @@ gw_master_main(struct gw_opts *o, const struct gw_opts *file)
     term = evsignal_new(gw_loop_base(), SIGTERM, on_term, NULL);
     intr = evsignal_new(gw_loop_base(), SIGINT, on_term, NULL);
     chld = evsignal_new(gw_loop_base(), SIGCHLD, on_chld, NULL);
+    usr2 = evsignal_new(gw_loop_base(), SIGUSR2, on_usr2, NULL);
+    evsignal_add(usr2, NULL);
     evsignal_add(hup, NULL);
     evsignal_add(term, NULL);
     evsignal_add(intr, NULL);
@@ -1246,19 +1705,40 @@ gw_master_main(struct gw_opts *o, const struct gw_opts *file)
     /* PID_FILE.reload first ("0 started"): `paygate reload` tells a pid
      * file this master wrote (it waits for the outcome here) from one
      * written by hand (no outcome will come) by this file */
-    if (o->pid_file[0] != '\0' && reload_line(0, "started") != GW_OK) {
-        fprintf(stderr, "paygate: cannot write %s.reload: %s\n",
-                o->pid_file, strerror(errno));
-        return 2;
-    }
-    if (o->pid_file[0] != '\0' && write_pid_file(o->pid_file) != GW_OK) {
-        fprintf(stderr, "paygate: cannot write pid file %s: %s\n",
-                o->pid_file, strerror(errno));
-        return 2;
+    /* PID_FILE.upgrade likewise ("P 0 ready"): `paygate upgrade` signals
+     * only a master that handles USR2. An upgrade's new master writes
+     * none of them: they are the old master's until it hands over (and
+     * then it writes the pid file and PID_FILE.upgrade for this one). */
+    if (o->pid_file[0] != '\0' && up.fd < 0) {
+        char line[32];
+
+        snprintf(line, sizeof(line), "%d 0 ready", (int) getpid());
+        if (reload_line(0, "started") != GW_OK
+            || status_file(".upgrade", line) != GW_OK) {
+            fprintf(stderr, "paygate: cannot write %s.reload or .upgrade: "
+                    "%s\n", o->pid_file, strerror(errno));
+            return 2;
+        }
+        snprintf(line, sizeof(line), "%d", (int) getpid());
+        if (status_file("", line) != GW_OK) {
+            fprintf(stderr, "paygate: cannot write pid file %s: %s\n",
+                    o->pid_file, strerror(errno));
+            return 2;
+        }
     }
     m.restart_ev = evtimer_new(gw_loop_base(), on_restart, NULL);
     m.reload_timer = evtimer_new(gw_loop_base(), on_reload_timeout, NULL);
     m.stop_timer = evtimer_new(gw_loop_base(), on_stop_deadline, NULL);
+    m.upgrade_timer = evtimer_new(gw_loop_base(), on_upgrade_timeout, NULL);
+    if (up.fd >= 0) {
+        /* the old master's go, or its EOF (it gave up, or is gone) */
+        m.handover_ev = event_new(gw_loop_base(), up.fd, EV_READ,
+                                  on_handover, NULL);
+        if (m.handover_ev == NULL || event_add(m.handover_ev, NULL) != 0) {
+            fprintf(stderr, "paygate: cannot set up the master\n");
+            return 1;
+        }
+    }
     if (m.ssl_ctx != NULL) {
         struct timeval tv;
 
@@ -1306,12 +1786,22 @@ gw_master_main(struct gw_opts *o, const struct gw_opts *file)
     event_base_dispatch(gw_loop_base());
     if (m.failed_start) {
         code = m.start_code == 2 ? 2 : 1;
+    } else if (m.exit_code != 0) {
+        code = m.exit_code;
     }
-    if (o->pid_file[0] != '\0') {
+    /* an upgrade's new master that stopped before it took over says why */
+    if (m.start_why[0] != '\0') {
+        gw_upgrade_failed(m.start_why);
+    }
+    /* the pid file and its status files, while they are this master's:
+     * not once an upgrade's new master took them over */
+    if (o->pid_file[0] != '\0' && pid_file_pid(o->pid_file) == getpid()) {
         char status[1100];
 
         unlink(o->pid_file);
         snprintf(status, sizeof(status), "%s.reload", o->pid_file);
+        unlink(status);
+        snprintf(status, sizeof(status), "%s.upgrade", o->pid_file);
         unlink(status);
     }
     gw_log(m.failed_start && m.start_code == 2 ? GW_LOG_DEBUG : GW_LOG_INFO,

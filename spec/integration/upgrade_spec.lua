@@ -1,0 +1,175 @@
+-- `paygate upgrade` (USR2): a binary upgrade of a single instance without
+-- refusing a connection. The spec starts a copy of the binary under test
+-- from a folder of its own and replaces the file there (a new build), as
+-- an operator would; a route answers with its worker's master pid, so the
+-- answers tell the old master's workers from the new one's.
+--
+-- The clients are raw non-blocking sockets driven by poll() in this
+-- process (support.hammer): a connection refused, reset or closed without
+-- a whole answer is a failure.
+local server = require "support.server"
+local proc = require "support.proc"
+local hammer = require("support.hammer").hammer
+
+local WHO = [[
+local paygate = require "paygate"
+paygate.route("GET", "/who", function()
+  local f = assert(io.open("/proc/self/stat"))
+  local stat = f:read("*a")
+  f:close()
+  return 200, stat:match("^%d+ %(.*%) %a (%d+)")    -- the master's pid
+end)
+]]
+
+-- bin/paygate in a folder of its own: the binary under test, copied
+local function copy_bin()
+  local dir = server.tmpdir("upgrade")
+  local bin = dir .. "/paygate"
+  proc.write(bin, proc.read(PAYGATE_BIN))
+  assert(os.execute("chmod 755 " .. proc.sh_quote(bin)))
+  return bin
+end
+
+-- a new build at bin: another file put in its place (the running one's
+-- stays open under it, as with an install)
+local function replace(bin)
+  proc.write(bin .. ".new", proc.read(PAYGATE_BIN))
+  assert(os.execute("chmod 755 " .. proc.sh_quote(bin .. ".new")))
+  assert(os.rename(bin .. ".new", bin))
+end
+
+local function readlink(path)
+  local ffi = require "ffi"
+  local buf = ffi.new("char[4096]")
+  local n = ffi.C.readlink(path, buf, 4095)
+  return n > 0 and ffi.string(buf, n) or nil
+end
+
+local function upgrade(s, bin)
+  return proc.run({ bin, "upgrade", "--pid-file", s.pid_file },
+                  { timeout = 120 })
+end
+
+describe("paygate upgrade", function()
+  local s, new, guard
+  after_each(function()
+    if new then
+      proc.kill_pid(new, proc.SIGTERM)
+      proc.wait_until(function() return not proc.running(new) end, 20,
+                      "the new master to stop")
+    end
+    if guard then guard:cancel() end
+    new, guard = nil, nil
+    if s then s:stop(); s = nil end
+  end)
+
+  it("hands the listening sockets over: no connection refused",
+     function()
+    local bin = copy_bin()
+    s = server.start{ source = WHO, workers = 2, bin = bin,
+                      args = { "--no-access-log" } }
+    local old = s.pid
+    replace(bin)
+    local out = s.dir .. "/upgrade.out"
+    local up, ended
+    local answers, failures = hammer(s, { close = 12, keep = 4,
+                                          path = "/who" }, function(t)
+      if up == nil and t > 0.3 then
+        up = proc.spawn({ bin, "upgrade", "--pid-file", s.pid_file },
+                        { log = out })
+      end
+      if up and not ended and up:poll() then ended = t end
+      return not ended or t - ended < 0.5     -- and traffic after it
+    end)
+    local said = proc.read(out)
+    assert.equal(0, up.status, said .. s:logs())
+    new = tonumber(proc.read(s.pid_file))
+    assert.is_number(new, "the pid file: " .. proc.read(s.pid_file))
+    guard = proc.guard(new)
+    assert.are_not.equal(old, new)
+    assert.matches(("done, pid %d serves"):format(new), said)
+    assert.same({}, failures, s:logs())
+    -- both generations answered, the new one after the old one
+    assert.is_true((answers[tostring(old)] or 0) > 10, s:logs())
+    assert.is_true((answers[tostring(new)] or 0) > 10, s:logs())
+    for who in pairs(answers) do
+      assert.is_true(who == tostring(old) or who == tostring(new), who)
+    end
+    -- the old master drains and exits; the pid file names the new one
+    assert.equal(0, s.proc:wait(30), s:logs())
+    assert.equal(tostring(new), proc.read(s.pid_file):match("%d+"))
+    -- the new master runs the file now at the path, not the one replaced
+    assert.equal(bin, readlink("/proc/" .. new .. "/exe"))
+    local res = assert(s:request("/who"))
+    assert.equal(tostring(new), res.body)
+    assert.matches('"pid":' .. new, assert(s:admin_get("/healthz")).body)
+    -- and it upgrades again in turn, and reloads
+    local code, again = upgrade(s, bin)
+    assert.equal(0, code, again)
+    local third = tonumber(proc.read(s.pid_file))
+    assert.are_not.equal(new, third)
+    proc.wait_until(function() return not proc.running(new) end, 30,
+                    "the second master to exit")
+    guard:cancel()
+    new, guard = third, proc.guard(third)
+    code, again = proc.run({ bin, "reload", "--pid-file", s.pid_file })
+    assert.equal(0, code, again)
+    assert.equal(tostring(third), assert(s:request("/who")).body)
+  end)
+
+  it("refused: the new app fails to load; the old master serves on",
+     function()
+    local bin = copy_bin()
+    s = server.start{ source = WHO, workers = 2, bin = bin }
+    replace(bin)
+    proc.write(s.app .. "/app.lua", "error('the new code cannot load')\n")
+    local code, said = upgrade(s, bin)
+    assert.equal(1, code, said)
+    assert.matches("paygate upgrade: refused: the new master %(pid %d+%) "
+                   .. "did not start: .*the new code cannot load", said)
+    assert.matches(("pid %d keeps serving"):format(s.pid), said)
+    assert.equal(tostring(s.pid), proc.read(s.pid_file):match("%d+"))
+    assert.equal(tostring(s.pid), assert(s:request("/who")).body)
+    assert.is_nil(s.proc:poll())
+    -- the failed master is gone, and so are its workers
+    local failed = tonumber(said:match("new master %(pid (%d+)%)"))
+    proc.wait_until(function() return not proc.running(failed) end, 20,
+                    "the failed new master to exit")
+    proc.wait_until(function() return #s:workers() == 2 end, 20,
+                    "the old master's two workers alone")
+  end)
+
+  it("refused: the config no longer reads; the old master serves on",
+     function()
+    local bin = copy_bin()
+    s = server.start{ source = WHO, bin = bin, config = { workers = 1 } }
+    proc.write(s.config_file, "return { workers = 'many' }\n")
+    local code, said = upgrade(s, bin)
+    assert.equal(1, code, said)
+    assert.matches("refused: the new master %(pid %d+%) did not start: "
+                   .. ".*workers", said)
+    assert.equal(tostring(s.pid), assert(s:request("/who")).body)
+    assert.is_nil(s.proc:poll())
+  end)
+
+  it("refused: no binary at the path", function()
+    local bin = copy_bin()
+    s = server.start{ source = WHO, bin = bin }
+    assert(os.rename(bin, bin .. ".gone"))
+    local code, said = upgrade(s, bin .. ".gone")
+    assert.equal(1, code, said)
+    assert.matches("did not start: cannot run " .. bin:gsub("%p", "%%%0")
+                   .. ": No such file or directory", said)
+    assert.equal(tostring(s.pid), assert(s:request("/who")).body)
+  end)
+
+  it("signals only a master that upgrades", function()
+    local dir = server.tmpdir()
+    local f = dir .. "/by-hand.pid"
+    proc.write(f, proc.getpid() .. "\n")      -- this process: a paygate
+    local code, said = proc.run({ PAYGATE_BIN, "upgrade", "--pid-file", f })
+    assert.equal(1, code, said)
+    assert.matches("did not write .*%.upgrade: it is no master that "
+                   .. "upgrades .*nothing signalled", said)
+  end)
+end)
