@@ -17,7 +17,7 @@ local json = require "paygate.json"
 local metrics = require "paygate.metrics"
 local utf8 = require "paygate.utf8"
 
-local type, tostring, floor = type, tostring, math.floor
+local type, tostring, pairs, floor = type, tostring, pairs, math.floor
 
 -- What came from outside (WeChat's code and Request-ID, a refusal's
 -- message quoting a forged header) as text any store takes: valid UTF-8,
@@ -307,14 +307,21 @@ end
 local function drop(what)
   dropped = dropped or metrics.counter(
     "paygate_gateway_history_dropped_total", "Calls to WeChat Pay and "
-    .. "refused notifications not recorded (writes in flight, or refusals"
-    .. " a second, over the bound).",
+    .. "refused notifications not recorded (over a bound, or the store"
+    .. " failed the write).",
     { "what" })
   dropped:inc({ what = what })
 end
 
--- Writes one row in a task of its own; false when over the bound.
-local function write(what, sql, params)
+-- what a row records, as a log line names it
+local WHAT = { call = "a call to WeChat Pay",
+               refused_notification = "a refused notification" }
+
+-- Writes one row in a task of its own; false when over the bound. A row
+-- the store did not take (busy, unavailable, ...) is counted as dropped
+-- too, and logged with `facts` (which call or notification: its merchant
+-- and numbers, no secret): only the console's history misses it.
+local function write(what, sql, params, facts)
   if db == nil or in_flight >= _M.MAX_IN_FLIGHT then
     drop(what)
     return false
@@ -324,8 +331,12 @@ local function write(what, sql, params)
     local ok, res, err = pcall(db.exec, db, sql, params)
     in_flight = in_flight - 1
     if not (ok and res) then
-      paygate.log.warn("gateway: cannot record " .. what, {
-        error = tostring(ok and err or res) })
+      drop(what)
+      local f = { error = tostring(ok and err or res) }
+      for k, v in pairs(facts) do f[k] = v end
+      paygate.log.warn("gateway: the console's history did not record "
+        .. WHAT[what] .. " (counted in paygate_gateway_history_dropped_"
+        .. "total; nothing else is affected)", f)
     end
   end)
   return true
@@ -384,7 +395,9 @@ function _M.on_call(mchid)
         type(call.request_id) == "string" and text(call.request_id, 128)
           or json.null,
         call.attempts or json.null, floor(call.seconds * 1000 + 0.5),
-        trade or json.null, refund or json.null })
+        trade or json.null, refund or json.null }, {
+        mchid = mchid, method = call.method, path = call.path:sub(1, 256),
+        out_trade_no = trade, out_refund_no = refund })
   end
 end
 
@@ -415,7 +428,11 @@ local function record_refused(now, mchid, err, f)
       now, mchid, tostring(err.kind), text(tostring(err.message), 300),
       f.serial or null, f.timestamp or null, f.id or null,
       f.event_type or null, f.authentic and 1 or 0,
-      f.out_trade_no or null, f.out_refund_no or null })
+      f.out_trade_no or null, f.out_refund_no or null }, {
+      mchid = mchid, kind = tostring(err.kind),
+      -- (a forged one's numbers are anyone's text: not logged)
+      out_trade_no = f.authentic and f.out_trade_no or nil,
+      out_refund_no = f.authentic and f.out_refund_no or nil })
 end
 
 --- syntax: recorded, verify, doctor = history.refused(wx, mchid, req, err)

@@ -4,6 +4,7 @@
 -- (a forged signature, a stale timestamp); the overview's list of the
 -- latest refusals; hostile input in a refused notification stays text.
 local testing = require "paygate.testing"
+local json = require "cjson.safe"
 local core = dofile("examples/gateway/spec/core_support.lua")
 
 local function get(gw, path)
@@ -155,6 +156,48 @@ describe("gateway console: a payment's history", function()
     local page = get(gw, "/console/payments/" .. p.id).body
     assert.matches("PARAM_ERROR", section(page, "Calls to WeChat Pay"), 1,
                    true)
+  end)
+
+  -- A row the store does not take (busy under load on several workers,
+  -- a full disk) is missing from the history. It was logged as "gateway:
+  -- cannot record call", naming neither the call nor its order, and
+  -- counted nowhere, though the counter is what is not recorded.
+  it("counts a call whose row the store failed, and logs which call",
+     function()
+    local function dropped()
+      local text = assert(gw.srv:admin_get("/metrics")).body
+      return tonumber(text:match('paygate_gateway_history_dropped_total'
+        .. '{what="call"} (%d+)')) or 0
+    end
+    local before = dropped()
+    assert(gw.db:exec("CREATE TRIGGER spec_no_calls BEFORE INSERT ON"
+      .. " gw_wechat_calls BEGIN SELECT RAISE(ABORT, 'spec: no row'); END"))
+    finally(function()
+      assert(gw.db:exec("DROP TRIGGER IF EXISTS spec_no_calls"))
+    end)
+    local p = gw:create{ description = "not recorded" }
+    testing.wait_until(function() return dropped() > before end, 10,
+                       "the call counted as not recorded")
+    local line
+    testing.wait_until(function()
+      for l in (gw.srv:logs() or ""):gmatch("[^\n]+") do
+        local e = json.decode(l)
+        if e and e.out_trade_no == p.out_trade_no and e.level == "warn"
+           and tostring(e.msg):find("history did not record", 1, true) then
+          line = e
+        end
+      end
+      return line ~= nil
+    end, 10, "a warn line naming the call")
+    assert.equal("gateway: the console's history did not record a call to"
+      .. " WeChat Pay (counted in paygate_gateway_history_dropped_total;"
+      .. " nothing else is affected)", line.msg)
+    assert.equal("POST", line.method)
+    assert.equal("/v3/pay/transactions/native", line.path)
+    assert.equal(sim.merchant.mchid, line.mchid)
+    assert.matches("spec: no row", line.error, 1, true)
+    -- the payment is made all the same
+    assert.equal("paying", gw:get(p.id).state)
   end)
 
   it("shows a notification refused for its signature, why, then the one"
