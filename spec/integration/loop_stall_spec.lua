@@ -140,6 +140,42 @@ describe("a worker whose loop stalls", function()
   end)
 end)
 
+describe("a server stopped and continued as a whole", function()
+  -- ^Z and fg of `paygate run`, docker pause, a frozen cgroup: the
+  -- monotonic clock runs on while no process runs, master included
+  it("is no stall: no worker is killed for the pause", function()
+    local SIGSTOP, SIGCONT = 19, 18
+    local s = server.start{ source = APP, workers = 2,
+                            config = { limits = { loop_stall = 2 } } }
+    local before = s:workers()
+    local all = { s.pid, before[1], before[2] }
+    finally(function()
+      for _, pid in ipairs(all) do proc.kill_pid(pid, SIGCONT) end
+      s:stop()
+    end)
+    assert.equal(2, #before)
+    for _, pid in ipairs(all) do proc.kill_pid(pid, SIGSTOP) end
+    -- stopped for twice the limit
+    local till = paygate.update_time() + 4
+    while paygate.update_time() < till do paygate.sleep(0.1) end
+    for _, pid in ipairs(all) do proc.kill_pid(pid, SIGCONT) end
+    -- observed past the limit: none is killed, the same workers serve
+    till = paygate.update_time() + 3
+    while paygate.update_time() < till do
+      assert.is_nil(s:logs():find("stalled", 1, true), s:logs())
+      paygate.sleep(0.2)
+    end
+    -- the master said it did not run, and judged the workers from then
+    assert.matches('"level":"warn"[^\n]*"msg":"watchdog: the master did not'
+                   .. " run for [%d.]+ s %(the processes stopped or frozen,"
+                   .. " or the machine starved%); the workers' loops are"
+                   .. " judged from now", s:logs())
+    assert.equal("hello", assert(s:request("/hello")).body)
+    assert.same(before, s:workers())
+    assert.equal(0, metric(s, "paygate_worker_stalls_total"))
+  end)
+end)
+
 describe("a worker that stalls while loading the app", function()
   it("refuses the reload at once, naming the stall", function()
     local s = server.start{ source = APP, workers = 1,

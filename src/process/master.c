@@ -44,6 +44,8 @@
 #define WATCHDOG_EVERY 0.5      /* s between the watchdog's looks */
 #define UPGRADE_TIMEOUT 60      /* s for an upgrade's new master to serve */
 #define INHERIT_ENV "PAYGATE_INHERIT"   /* what an upgrade hands over */
+#define WATCHDOG_LATE 1.0       /* s a look may come late before the master
+                                   takes it that it did not run itself */
 
 enum wstate { W_FREE, W_STARTING, W_READY, W_DRAINING };
 
@@ -94,6 +96,10 @@ static struct {
     struct event     *ticket_ev;    /* owned: rotates the TLS ticket key */
     struct event     *watchdog_ev;  /* owned: on_watchdog, or NULL when
                                        limits.loop_stall is off */
+    double            watchdog_look; /* s (mono): its last look */
+    double            watchdog_from; /* s (mono): no worker is judged
+                                       stalled for longer than since then
+                                       (the master itself did not run) */
     int               admin_conns;  /* open admin connections */
     struct bufferevent *admin_bev[ADMIN_MAX_CONNS]; /* them, or NULL: a
                                        worker closes their fds after fork */
@@ -788,6 +794,22 @@ doing(const struct gw_worker *wk)
 static void
 on_watchdog(evutil_socket_t fd, short what, void *arg)
 {
+    double now = gw_loop_mono_fresh();
+
+    if (now - m.watchdog_look > WATCHDOG_EVERY + WATCHDOG_LATE) {
+        /* The master itself did not run meanwhile: the whole group was
+         * stopped (^Z, SIGSTOP), its cgroup frozen (docker pause, systemd
+         * freeze), or the machine starved. The monotonic clock ran on,
+         * and every worker's mark looks as old as that pause, though no
+         * worker's loop was stuck: each is judged from now instead (one
+         * truly stuck is killed loop_stall s later). */
+        gw_log(GW_LOG_WARN, "watchdog: the master did not run for %.1f s "
+               "(the processes stopped or frozen, or the machine starved); "
+               "the workers' loops are judged from now",
+               now - m.watchdog_look);
+        m.watchdog_from = now;
+    }
+    m.watchdog_look = now;
     for (int i = 0; i < MAX_WORKERS; i++) {
         struct gw_worker *wk = &m.w[i];
         char last[256];
@@ -798,7 +820,8 @@ on_watchdog(evutil_socket_t fd, short what, void *arg)
             continue;       /* free, or killed already: not said twice */
         }
         age = gw_watchdog_age(wk->slot);
-        if (age <= m.o->loop_stall) {
+        if (age <= m.o->loop_stall
+            || now - m.watchdog_from <= m.o->loop_stall) {
             continue;
         }
         loading = wk->state == W_STARTING;
@@ -1757,6 +1780,7 @@ gw_master_main(struct gw_opts *o, const struct gw_opts *file,
         /* workers note each request they start (what the stall line
          * names) only when someone reads it */
         o->server.on_start = gw_watchdog_request;
+        m.watchdog_look = m.watchdog_from = gw_loop_mono_fresh();
         m.watchdog_ev = event_new(gw_loop_base(), -1, EV_PERSIST,
                                   on_watchdog, NULL);
         if (m.watchdog_ev == NULL || event_add(m.watchdog_ev, &tv) != 0) {
