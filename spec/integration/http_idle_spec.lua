@@ -21,6 +21,21 @@ paygate.route("GET", "/slow", function(req)
   end
   return 200, "slow done"
 end)
+-- holds the worker's loop 1.5 s without yielding (a worker that falls
+-- behind: a long synchronous step, a starved CPU), once the file ?at=
+-- names says it began; then waits in its request as /slow does
+paygate.route("GET", "/block", function(req)
+  local q, core = req:query(), require "paygate.core"
+  io.open(q.at, "w"):close()
+  local t0 = core.mono()
+  while core.mono() - t0 < 1.5 do end
+  while core.mono() - t0 < 30 do
+    local f = io.open(q.go)
+    if f then f:close() break end
+    paygate.sleep(0.01)
+  end
+  return 200, "block done"
+end)
 ]]
 
 local CAP = 20
@@ -401,5 +416,49 @@ describe("heads trickled at the connection cap", function()
     busy:close()
     up:close()
     for _, c in ipairs(t) do c:close() end
+  end)
+end)
+
+-- A head that waits whole in the socket, unread because the worker fell
+-- behind (its loop held past HEAD_GRACE), is not a slow client: the
+-- server is. At the cap it is read and answered, not cut with a 408.
+describe("heads the worker has not read yet at the connection cap", function()
+  it("are not taken for slow ones", function()
+    local s = server.start{ source = APP, workers = 1,
+      config = [[return { limits = { connections = 3,
+        header_timeout = 30 } }]] }
+    finally(function() go(s); s:stop() end)
+    -- b and c connect first and stay silent; a's answer says the worker
+    -- has accepted all three
+    local b = assert(rawtcp.connect(s.port, 10))
+    local c = assert(rawtcp.connect(s.port, 10))
+    local a = assert(rawtcp.connect(s.port, 10))
+    get(a, "/")
+    assert.matches("^HTTP/1.1 200", a:recv_some())
+    -- a holds the worker's loop; meanwhile a new client comes (at the
+    -- cap: a place is wanted) and b and c send their whole heads
+    local at = s.dir .. "/blocking"
+    get(a, "/block?at=" .. at .. "&go=" .. s.dir .. "/go")
+    proc.wait_until(function() return proc.exists(at) end, 10,
+                    "the worker's loop held")
+    local d = assert(rawtcp.connect(s.port, 10))
+    get(b, "/")
+    get(c, "/")
+    -- both are answered: neither was cut as a slow head
+    for name, conn in pairs{ b = b, c = c } do
+      local out = conn:recv_some()
+      assert.matches("^HTTP/1.1 200", out, nil, name .. ": " .. out
+                     .. "\n" .. s:logs())
+    end
+    -- and the new client is admitted once they are idle (in b's or c's
+    -- place), not after keepalive_timeout
+    get(d, "/")
+    local out = d:recv_some()
+    assert.matches("^HTTP/1.1 200", out, nil, "d: " .. out)
+    for _, conn in ipairs{ a, b, c, d } do conn:close() end
+    wait_counted(s, "reclaimed", 1, "idle")
+    assert.matches('\npaygate_connections_reclaimed_total{reason="slow_head"}'
+                   .. " 0\n", s:admin_get("/metrics").body)
+    assert.is_nil(s:logs():find("request head too slow", 1, true))
   end)
 end)

@@ -56,6 +56,9 @@
                                    round trips of handshake first), so
                                    one still at it after a second is
                                    trickling it (see head_victim) */
+#define HEAD_RECHECK 0.05       /* s: a head skipped at the cap (its
+                                   bytes unread, its answer going out)
+                                   is looked at again this much later */
 #define ACCEPT_BATCH_TLS 1      /* TLS ones (see on_accept) */
 #define LINGER_IDLE 2.0         /* s: a lingering close waits this long
                                    for more of the client's bytes */
@@ -333,27 +336,40 @@ idle_victim(double *next)
  * held every place until header_timeout, then reconnected: everyone
  * else was refused. A connection whose head is parsed (its body
  * arriving, which body_min_rate bounds; its handler running) is never
- * on the list, nor one with an answer still going out (skipped). NULL
- * when there is none; *next (if not NULL) is then the time (mono) the
- * oldest becomes one, or 0. */
+ * on the list, and one with an answer still going out is skipped, as is
+ * one whose next bytes wait unread in the socket (or in TLS): the
+ * worker fell behind (its loop held by a long step, a starved CPU), not
+ * the client, whose whole head may be there (it would be closed with
+ * nothing read, no answer and no line). NULL when there is none; *next
+ * (if not NULL) is then the time (mono) the oldest becomes one (a
+ * skipped one is looked at again HEAD_RECHECK s later), or 0. */
 static struct gw_conn *
 head_victim(double *next)
 {
-    double now = gw_loop_mono();
+    double now = gw_loop_mono(), soon = 0;
 
     if (next != NULL) {
         *next = 0;
     }
     for (struct gw_conn *c = gw_srv.heads_head; c != NULL; c = c->rnext) {
+        char b;
+
         if (now - c->head_at < HEAD_GRACE) {
-            if (next != NULL) {
-                *next = c->head_at + HEAD_GRACE;
+            if (soon == 0 || c->head_at + HEAD_GRACE < soon) {
+                soon = c->head_at + HEAD_GRACE;
             }
-            return NULL;        /* the rest are younger still */
+            break;              /* the rest are younger still */
         }
-        if (c->state == ST_HEAD && c->out_len == c->out_sent) {
-            return c;
+        if (c->state != ST_HEAD || c->out_len != c->out_sent
+            || (c->ssl != NULL && SSL_has_pending(c->ssl))
+            || recv(c->fd, &b, 1, MSG_PEEK | MSG_DONTWAIT) > 0) {
+            soon = now + HEAD_RECHECK;
+            continue;
         }
+        return c;
+    }
+    if (next != NULL) {
+        *next = soon;
     }
     return NULL;
 }
