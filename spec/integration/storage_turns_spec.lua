@@ -65,6 +65,46 @@ describe("sqlite writers of two processes", function()
     assert.equal(sum, n)
   end)
 
+  it("wait out a lock held long without spinning a core", function()
+    -- another writer holds the lock past busy_timeout (a migration, a
+    -- transaction of another tool): the waiting writer's thread tries
+    -- in turn, but it must not burn a core for it (it did: some 20 % of
+    -- one, a BEGIN every 50 us, for the whole wait)
+    local paygate = require "paygate"
+    local path = tmp .. "/held.db"
+    local holder = assert(sql.open("sqlite:" .. path))
+    assert(holder:exec("CREATE TABLE t (v TEXT)"))
+    local waiter = assert(sql.open("sqlite:" .. path,
+                                   { busy_timeout = 2000 }))
+    local holding, release = false, false
+    local held = paygate.spawn(function()
+      return holder:transaction(function(tx)
+        assert(tx:exec("INSERT INTO t (v) VALUES ('held')"))
+        holding = true
+        local deadline = core.mono() + 30
+        while not release and core.mono() < deadline do
+          paygate.sleep(0.02)
+        end
+        return true
+      end)
+    end)
+    proc.wait_until(function() return holding end, 10, "the lock held")
+    local cpu0, t0 = os.clock(), core.mono()
+    local ok, err = waiter:exec("INSERT INTO t (v) VALUES ('w')")
+    local cpu, waited = os.clock() - cpu0, core.mono() - t0
+    release = true
+    assert(held:wait())
+    waiter:close()
+    holder:close()
+    assert.is_nil(ok)
+    assert.equal("busy", err.kind)
+    assert.is_true(waited >= 1.9, "waited " .. waited .. " s")
+    -- this process's CPU over the 2 s wait, every thread of it (some
+    -- 0.06 s: tries up to every 1 ms; 0.3 to 0.4 s before)
+    assert.is_true(cpu < 0.15, ("%.3f s of CPU in a %.1f s wait")
+                   :format(cpu, waited))
+  end)
+
   it("ask for turns through PATH-turn, made 0600 beside the file",
      function()
     local path = tmp .. "/mode.db"

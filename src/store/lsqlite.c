@@ -1322,10 +1322,11 @@ wal_limit(struct lsqlite_conn *c, struct lsqlite_db *db)
  * So a writer that has waited TURN_STARVE_MS for the lock asks for a
  * turn: it holds a shared OFD lock on byte 0 of a side file with no
  * data, PATH-turn (made 0600), while it goes on trying, now every
- * TURN_POLL_US or so; a writer about to begin a batch that sees such a
- * lock held by another pauses until it is gone (the other got the lock),
- * at most TURN_YIELD_MS (a waiter that is not scheduled does not stop it
- * longer). Two processes writing flat out then alternate turns of about
+ * TURN_POLL_US or so at first, then further apart up to TURN_POLL_MAX_US
+ * (a lock held long is not tried 20,000 times a second); a writer about
+ * to begin a batch that sees such a lock held by another pauses until it
+ * is gone (the other got the lock), at most TURN_YIELD_MS (a waiter that
+ * is not scheduled does not stop it longer). Two processes writing flat out then alternate turns of about
  * TURN_STARVE_MS; under a lighter load, nobody waits that long and
  * nothing changes (one fcntl per batch). An OFD lock belongs to its open
  * file: a process that dies while waiting holds nothing, and two handles
@@ -1333,7 +1334,8 @@ wal_limit(struct lsqlite_conn *c, struct lsqlite_db *db)
  * (a read-only folder), a writer waits as SQLite waits, as before.
  */
 #define TURN_STARVE_MS 50           /* a wait that asks for a turn */
-#define TURN_POLL_US   50           /* then: mean pause between tries */
+#define TURN_POLL_US   50           /* then: mean pause between tries, */
+#define TURN_POLL_MAX_US 1000       /* doubling up to this */
 #define TURN_YIELD_MS  20           /* longest pause for a waiter */
 
 static void
@@ -1390,12 +1392,13 @@ turn_asked(struct lsqlite_conn *c)
     return fl.l_type != F_UNLCK;
 }
 
+/* Sleeps us microseconds on average (us/2 to 3us/2). */
 static void
-turn_pause(void)
+turn_pause(long us)
 {
     struct timespec t = { 0, 0 };
 
-    t.tv_nsec = (long) (TURN_POLL_US / 2 + random() % TURN_POLL_US) * 1000L;
+    t.tv_nsec = (us / 2 + random() % us) * 1000L;
     nanosleep(&t, NULL);
 }
 
@@ -1409,6 +1412,7 @@ turn_begin(struct lsqlite_conn *c, double deadline, char **msg)
 {
     double  now, until, left;
     int     rc, asked = 0;
+    long    pause = TURN_POLL_US;   /* us: the next pause between tries */
 
     now = gw_loop_mono_fresh();
     if (turn_asked(c)) {
@@ -1417,7 +1421,7 @@ turn_begin(struct lsqlite_conn *c, double deadline, char **msg)
             until = deadline;
         }
         do {
-            turn_pause();
+            turn_pause(TURN_POLL_US);
         } while (turn_asked(c) && gw_loop_mono_fresh() < until);
         now = gw_loop_mono_fresh();
     }
@@ -1431,7 +1435,11 @@ turn_begin(struct lsqlite_conn *c, double deadline, char **msg)
     if ((rc & 0xff) != SQLITE_BUSY || gw_loop_mono_fresh() >= deadline) {
         return rc;
     }
-    /* then in turn */
+    /* then in turn: the tries come closer than SQLite's (a writer that
+     * sees the ask lets us in at its next batch, and waits for us), but
+     * further apart the longer the lock stays held (a long transaction,
+     * another tool's: tries every 50 us for seconds spent a fifth of a
+     * core for nothing) */
     sqlite3_busy_timeout(c->h, 0);
     do {
         free(*msg);
@@ -1440,7 +1448,11 @@ turn_begin(struct lsqlite_conn *c, double deadline, char **msg)
             turn_ask(c, F_RDLCK);
             asked = 1;
         }
-        turn_pause();
+        turn_pause(pause);
+        if (pause < TURN_POLL_MAX_US) {
+            pause = pause * 2 < TURN_POLL_MAX_US ? pause * 2
+                                                  : TURN_POLL_MAX_US;
+        }
         rc = run_fixed(c, "BEGIN IMMEDIATE", msg);
     } while ((rc & 0xff) == SQLITE_BUSY && gw_loop_mono_fresh() < deadline);
     turn_ask(c, F_UNLCK);
