@@ -1338,11 +1338,38 @@ wal_limit(struct lsqlite_conn *c, struct lsqlite_db *db)
 #define TURN_POLL_MAX_US 1000       /* doubling up to this */
 #define TURN_YIELD_MS  20           /* longest pause for a waiter */
 
+/*
+ * Root running a tool on a store (paygate backup, doctor, migrate apply)
+ * makes PATH-turn root's, 0600: the workers of the store's owner could
+ * not open it, and would never take turns. So, as SQLite gives its -wal
+ * and -shm the database's owner when root makes them, root gives fd (the
+ * file it just made, or one root made before: a plain empty file with no
+ * other link) the database file's owner. A file of anyone else, or one
+ * with another link (a hard link planted to a file elsewhere), is left
+ * as it is.
+ */
+static void
+turn_owner(int fd, const char *path, int made)
+{
+    struct stat st, db;
+
+    if (geteuid() != 0 || fstat(fd, &st) != 0 || stat(path, &db) != 0
+        || (st.st_uid == db.st_uid && st.st_gid == db.st_gid))
+    {
+        return;
+    }
+    if (made || (S_ISREG(st.st_mode) && st.st_nlink == 1 && st.st_uid == 0
+                 && st.st_size == 0))
+    {
+        (void) fchown(fd, db.st_uid, db.st_gid);
+    }
+}
+
 static void
 turn_open(struct lsqlite_conn *c, struct lsqlite_db *db)
 {
     char name[PATH_MAX + 8];
-    int  fd;
+    int  fd, made;
 
     c->has_turn = 0;
     if (db->path[0] == '\0' || strcmp(db->path, ":memory:") == 0
@@ -1352,11 +1379,17 @@ turn_open(struct lsqlite_conn *c, struct lsqlite_db *db)
         return;
     }
     /* (read-only is enough for a shared lock: a file another user made
-     * serves as well) */
-    fd = open(name, O_RDONLY | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
+     * serves as well, if this one may read it) */
+    fd = open(name, O_RDONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW,
+              0600);
+    made = fd >= 0;
+    if (!made && errno == EEXIST) {
+        fd = open(name, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+    }
     if (fd < 0) {
         return;
     }
+    turn_owner(fd, db->path, made);
     c->turn_fd = fd;
     c->has_turn = 1;
 }
