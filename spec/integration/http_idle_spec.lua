@@ -5,6 +5,7 @@
 local server = require "support.server"
 local rawtcp = require "support.rawtcp"
 local core = require "paygate.core"
+local paygate = require "paygate"
 local proc = require "support.proc"
 
 local APP = [[
@@ -416,6 +417,39 @@ describe("heads trickled at the connection cap", function()
     busy:close()
     up:close()
     for _, c in ipairs(t) do c:close() end
+  end)
+end)
+
+-- Idle connections go first at the cap, a silent new one too once its
+-- second of grace is over; a head only when no connection is idle. A
+-- head begun a little before a silent connection came reached its own
+-- second first, and went in its place.
+describe("a head begun before a silent connection at the cap", function()
+  it("stays; the silent one goes once its grace is over", function()
+    local s = server.start{ source = APP, workers = 1,
+      config = [[return { limits = { connections = 2,
+        header_timeout = 15 } }]] }
+    finally(function() s:stop() end)
+    local begun = assert(rawtcp.connect(s.port, 0.5))
+    assert(begun:send("GET / HTTP/1.1\r\nHost: x\r\n"))
+    -- the silent one comes 0.3 s later (the head's second ends first)
+    local t0 = core.mono()
+    while core.mono() - t0 < 0.3 do paygate.sleep(0.02) end
+    local silent = assert(rawtcp.connect(s.port, 0.5))
+    local c = assert(rawtcp.connect(s.port, 10))
+    get(c, "/")
+    assert.matches("^HTTP/1.1 200", c:recv_some())
+    local out, how = silent:recv_all()
+    assert.equal("eof", how, "the silent connection: " .. out)
+    out, how = begun:recv_all()
+    assert.equal("timeout", how, "the head begun: " .. out)
+    -- and it is still served
+    assert(begun:send("\r\n"))
+    assert.matches("^HTTP/1.1 200", begun:recv_some())
+    for _, conn in ipairs{ begun, silent, c } do conn:close() end
+    wait_counted(s, "reclaimed", 1, "idle")
+    assert.matches('\npaygate_connections_reclaimed_total{reason="slow_head"}'
+                   .. " 0\n", s:admin_get("/metrics").body)
   end)
 end)
 

@@ -375,24 +375,25 @@ head_victim(double *next)
 }
 
 /* The one to close at the cap for a new client, idle connections first
- * (idle_victim, then head_victim); *kind is its count (gw_edge_event).
- * NULL when there is none; *next (if not NULL) is then when one may be,
- * or 0. */
+ * (idle_victim), a head (head_victim) only when no connection is idle: a
+ * silent new one still in its FRESH_GRACE is idle too, and its grace is
+ * waited for (at most that second) rather than a head taken (a head
+ * begun a few milliseconds before it, a TLS handshake under way, reached
+ * its own HEAD_GRACE first and went in its place). *kind is its count
+ * (gw_edge_event). NULL when there is none; *next (if not NULL) is then
+ * when one may be, or 0. */
 static struct gw_conn *
 cap_victim(double *next, int *kind)
 {
-    double later = 0;
-    struct gw_conn *c = idle_victim(next);
+    double fresh = 0;
+    struct gw_conn *c = idle_victim(&fresh);
 
     *kind = GW_EDGE_RECLAIMED;
-    if (c != NULL) {
-        return c;
-    }
-    c = head_victim(next != NULL ? &later : NULL);
-    *kind = GW_EDGE_RECLAIMED_HEAD;
-    if (c == NULL && next != NULL && later > 0
-        && (*next == 0 || later < *next)) {
-        *next = later;
+    if (c == NULL && fresh == 0) {
+        c = head_victim(next);
+        *kind = GW_EDGE_RECLAIMED_HEAD;
+    } else if (next != NULL) {
+        *next = fresh;
     }
     return c;
 }
