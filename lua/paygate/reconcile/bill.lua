@@ -683,6 +683,22 @@ _M.AUDIT_FINDINGS_BYTES = audit.MAX_EVIDENCE - 8192
 -- the kinds of a bill refused as read (kept as NAME.refused)
 local REFUSED = { bad_bill = true, bad_amount = true }
 
+-- The distinct numbers (field, or the key of a record without it) of a
+-- bill's records, sorted, and how many records there were.
+local function numbers_of(records, field)
+  local list, have, n = {}, {}, 0
+  for key, r in pairs(records) do
+    n = n + 1
+    local no = r[field] or key
+    if not have[no] then
+      have[no] = true
+      list[#list + 1] = no
+    end
+  end
+  sort(list)
+  return list, n
+end
+
 -- syntax: report, err = bill.daily(opts)
 -- opts: wx (client), db (paygate.sql: the audit entry), dir (the reports'
 -- folder, must exist), local_rows = fn(date, out_trade_nos,
@@ -764,33 +780,13 @@ function _M.daily(opts)
   -- (each number once: a service provider's bill may have two
   -- sub-merchants' lines of one number, and local_rows gives the rows of
   -- both)
-  local numbers, have = {}, {}
-  local npay = 0
-  for key, r in pairs(remote.payments) do
-    npay = npay + 1
-    local no = r.out_trade_no or key
-    if not have[no] then
-      have[no] = true
-      numbers[#numbers + 1] = no
-    end
-  end
+  local numbers, npay = numbers_of(remote.payments, "out_trade_no")
   -- (the bill's payments only: a refund line's out_trade_no is usually a
   -- payment of an earlier day, which this day's bill rightly lacks; named
   -- here, it came back as a paid local row "missing" from the bill)
   -- and the bill's refunds, so that one the app has but not as settled
   -- that day is a state mismatch, not a refund it has no row for
-  local rnumbers, rhave = {}, {}
-  local nref = 0
-  for key, r in pairs(remote.refunds) do
-    nref = nref + 1
-    local rno = r.out_refund_no or key
-    if not rhave[rno] then
-      rhave[rno] = true
-      rnumbers[#rnumbers + 1] = rno
-    end
-  end
-  sort(numbers)
-  sort(rnumbers)
+  local rnumbers, nref = numbers_of(remote.refunds, "out_refund_no")
   local rows, lerr = opts.local_rows(date, numbers, rnumbers)
   if not rows then
     return nil, lerr or core.error("internal", "local_rows returned nothing")
