@@ -604,58 +604,88 @@ master_pid(const char *name, const char *pid_file)
     return pid;
 }
 
-static int
-cmd_reload(int argc, char **argv)
-{
-    const char *pid_file = NULL;
-    int pid = 0, wait = 1, before, timeout_given = 0;
-    double timeout = 90;
-    char line[1200], cmd[4096];
+/* The options of `paygate reload` and `paygate upgrade`. */
+struct signal_opts {
+    const char *pid_file;
+    double      timeout;        /* s to wait for the outcome */
+    int         timeout_given;
+    int         wait;           /* 0 after --no-wait */
+};
 
+/* Reads them (--no-wait only where no_wait_ok); -1 to go on, or the exit
+ * code to return: 0 after --help, 2 after a usage error said in one line
+ * naming the option, never a value given with "=". */
+static int
+signal_opts(const char *name, const char *usage, int argc, char **argv,
+            struct signal_opts *o, int no_wait_ok)
+{
+    o->pid_file = NULL;
+    o->timeout = 90;
+    o->timeout_given = 0;
+    o->wait = 1;
     for (int i = 1; i < argc; i++) {
         if (is_help(argv[i])) {
-            fputs(usage_reload, stdout);
+            fputs(usage, stdout);
             return 0;
         }
         if (strcmp(argv[i], "--pid-file") == 0 && i + 1 < argc) {
-            pid_file = argv[++i];
+            o->pid_file = argv[++i];
         } else if (strncmp(argv[i], "--pid-file=", 11) == 0) {
-            pid_file = argv[i] + 11;
-        } else if (strcmp(argv[i], "--no-wait") == 0) {
-            wait = 0;
+            o->pid_file = argv[i] + 11;
+        } else if (no_wait_ok && strcmp(argv[i], "--no-wait") == 0) {
+            o->wait = 0;
         } else if ((strcmp(argv[i], "--timeout") == 0 && i + 1 < argc)
                    || strncmp(argv[i], "--timeout=", 10) == 0) {
             const char *v = argv[i][9] == '=' ? argv[i] + 10 : argv[++i];
             char *end;
 
-            timeout_given = 1;
-            timeout = strtod(v, &end);
-            if (end == v || *end != '\0' || !(timeout > 0)
-                || timeout > 3600) {
-                fprintf(stderr, "paygate reload: --timeout must be in "
-                                "(0, 3600] seconds\n");
+            o->timeout_given = 1;
+            o->timeout = strtod(v, &end);
+            if (end == v || *end != '\0' || !(o->timeout > 0)
+                || o->timeout > 3600) {
+                fprintf(stderr, "paygate %s: --timeout must be in "
+                                "(0, 3600] seconds\n", name);
                 return 2;
             }
         } else if (strcmp(argv[i], "--pid-file") == 0
                    || strcmp(argv[i], "--timeout") == 0) {
             /* one line naming it, as paygate run says it */
-            fprintf(stderr, "paygate reload: %s needs a value (see paygate "
-                    "reload --help)\n", argv[i]);
+            fprintf(stderr, "paygate %s: %s needs a value (see paygate "
+                    "%s --help)\n", name, argv[i], name);
             return 2;
         } else {
             /* the option at fault, never a value given with = */
             int len = (int) strcspn(argv[i], "=");
 
-            fprintf(stderr, "paygate reload: unknown %s %.*s (see paygate "
-                    "reload --help)\n", argv[i][0] == '-' ? "option"
-                    : "argument", len > 100 ? 100 : len, argv[i]);
+            fprintf(stderr, "paygate %s: unknown %s %.*s (see paygate "
+                    "%s --help)\n", name, argv[i][0] == '-' ? "option"
+                    : "argument", len > 100 ? 100 : len, argv[i], name);
             return 2;
         }
     }
-    if (pid_file == NULL) {
-        fputs(usage_reload, stderr);
+    if (o->pid_file == NULL) {
+        fputs(usage, stderr);
         return 2;
     }
+    return -1;
+}
+
+static int
+cmd_reload(int argc, char **argv)
+{
+    struct signal_opts o;
+    const char *pid_file;
+    int pid = 0, wait, before, code;
+    double timeout;
+    char line[1200], cmd[4096];
+
+    code = signal_opts("reload", usage_reload, argc, argv, &o, 1);
+    if (code >= 0) {
+        return code;
+    }
+    pid_file = o.pid_file;
+    wait = o.wait;
+    timeout = o.timeout;
     pid = master_pid("reload", pid_file);
     if (pid <= 0) {
         return 1;
@@ -686,7 +716,7 @@ cmd_reload(int argc, char **argv)
 
         if (what != NULL && strncmp(what, " loading", 8) == 0) {
             before++;
-            if (!timeout_given) {
+            if (!o.timeout_given) {
                 timeout += 60;     /* that reload may take its 60 s first */
             }
         }
@@ -760,50 +790,18 @@ upgrade_outcome(const char *pid_file, int *n, char *what, size_t len)
 static int
 cmd_upgrade(int argc, char **argv)
 {
-    const char *pid_file = NULL;
-    int pid, owner, before = 0, n = 0;
-    double timeout = 90;
+    struct signal_opts o;
+    const char *pid_file;
+    int pid, owner, before = 0, n = 0, code;
+    double timeout;
     char what[1200], done[64];
 
-    for (int i = 1; i < argc; i++) {
-        if (is_help(argv[i])) {
-            fputs(usage_upgrade, stdout);
-            return 0;
-        }
-        if (strcmp(argv[i], "--pid-file") == 0 && i + 1 < argc) {
-            pid_file = argv[++i];
-        } else if (strncmp(argv[i], "--pid-file=", 11) == 0) {
-            pid_file = argv[i] + 11;
-        } else if ((strcmp(argv[i], "--timeout") == 0 && i + 1 < argc)
-                   || strncmp(argv[i], "--timeout=", 10) == 0) {
-            const char *v = argv[i][9] == '=' ? argv[i] + 10 : argv[++i];
-            char *end;
-
-            timeout = strtod(v, &end);
-            if (end == v || *end != '\0' || !(timeout > 0)
-                || timeout > 3600) {
-                fprintf(stderr, "paygate upgrade: --timeout must be in "
-                                "(0, 3600] seconds\n");
-                return 2;
-            }
-        } else if (strcmp(argv[i], "--pid-file") == 0
-                   || strcmp(argv[i], "--timeout") == 0) {
-            fprintf(stderr, "paygate upgrade: %s needs a value (see paygate "
-                    "upgrade --help)\n", argv[i]);
-            return 2;
-        } else {
-            int len = (int) strcspn(argv[i], "=");
-
-            fprintf(stderr, "paygate upgrade: unknown %s %.*s (see paygate "
-                    "upgrade --help)\n", argv[i][0] == '-' ? "option"
-                    : "argument", len > 100 ? 100 : len, argv[i]);
-            return 2;
-        }
+    code = signal_opts("upgrade", usage_upgrade, argc, argv, &o, 0);
+    if (code >= 0) {
+        return code;
     }
-    if (pid_file == NULL) {
-        fputs(usage_upgrade, stderr);
-        return 2;
-    }
+    pid_file = o.pid_file;
+    timeout = o.timeout;
     pid = master_pid("upgrade", pid_file);
     if (pid <= 0) {
         return 1;
