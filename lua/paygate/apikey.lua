@@ -318,13 +318,18 @@ local cache = setmetatable({}, { __mode = "k" })   -- db -> key_id -> row
 local misses = setmetatable({}, { __mode = "k" })
 local MISSES_MAX = 4096
 
--- syntax: ok, err = apikey.revoke(db, key_id[, opts])
+-- syntax: ok, why, revoked_at = apikey.revoke(db, key_id[, opts])
 -- The audit trail gets an entry apikey.revoked under "apikey:<app_id>"
 -- (ref and evidence the key id; actor opts.actor) in the same
 -- transaction; a key not active (unknown, revoked already) writes none.
+-- One guarded statement revokes (UPDATE ... WHERE revoked_at IS NULL
+-- RETURNING): of two revokes at once, one changes the row and writes the
+-- entry, the other finds it revoked.
 -- opts: actor (who asks)
--- returns: true when a key was revoked, false when none was active
--- (this worker forgets it at once; others within their cache_ttl)
+-- returns: true when a key was revoked (this worker forgets it at once;
+-- others within their cache_ttl); false, "revoked", revoked_at (epoch s)
+-- when it was revoked already (by another revoke too); false, "unknown"
+-- when the store holds no such key; nil, err when the store fails
 -- yields: one transaction
 function _M.revoke(db, key_id, opts)
   check_db("apikey.revoke", db)
@@ -337,25 +342,27 @@ function _M.revoke(db, key_id, opts)
   if not ok then
     return nil, err
   end
-  local done, terr = db:transaction(function(tx)
-    local rows, qerr = tx:query("SELECT app_id FROM paygate_api_keys"
-      .. " WHERE key_id = $1 AND revoked_at IS NULL", { key_id })
-    if not rows then
-      return nil, qerr
-    end
-    if not rows[1] then
-      return false
-    end
-    local app_id = rows[1].app_id
+  local done, why, at = db:transaction(function(tx)
     local res, uerr = tx:exec("UPDATE paygate_api_keys SET revoked_at = $2"
-      .. " WHERE key_id = $1 AND revoked_at IS NULL",
+      .. " WHERE key_id = $1 AND revoked_at IS NULL RETURNING app_id",
       { key_id, core.time() })
     if not res then
       return nil, uerr
     end
-    if res.changes ~= 1 then
-      return false
+    local row = res.rows and res.rows[1]
+    if not row then
+      -- none active: which answer (a revoke's cold path)
+      local rows, qerr = tx:query("SELECT revoked_at FROM paygate_api_keys"
+        .. " WHERE key_id = $1", { key_id })
+      if not rows then
+        return nil, qerr
+      end
+      if rows[1] then
+        return false, "revoked", tonumber(rows[1].revoked_at)
+      end
+      return false, "unknown"
     end
+    local app_id = row.app_id
     local e, aerr = audit.append(tx, subject(app_id), {
       what = "apikey.revoked", ref = key_id, actor = actor,
       evidence = { app_id = app_id, key_id = key_id } })
@@ -365,12 +372,15 @@ function _M.revoke(db, key_id, opts)
     return true
   end)
   if done == nil then
-    return nil, terr
+    return nil, why
   end
   if cache[db] then
     cache[db][key_id] = nil
   end
-  return done
+  if not done then
+    return false, why, at
+  end
+  return true
 end
 
 -- syntax: rows, err = apikey.list(db[, app_id])

@@ -113,6 +113,44 @@ describe("apikey.create and apikey.revoke: the audit trail", function()
     db:close()
   end)
 
+  it("of two revokes at once, one wins (one entry); the other is told the"
+     .. " key was revoked already, and when", function()
+    local db = fresh_db()
+    -- a second handle on the same store: another process, as a second
+    -- `paygate apikey revoke` would be
+    local db2 = assert(sql.open("sqlite:" .. tmp .. "/k" .. n .. ".db"))
+    local k = assert(apikey.create(db, "shop1"))
+    local got = {}
+    local tasks = {}
+    for i, h in ipairs({ db, db2, db }) do
+      tasks[i] = core.spawn(function()
+        got[i] = { apikey.revoke(h, k.key_id, { actor = "cli:r" .. i }) }
+      end)
+    end
+    for _, t in ipairs(tasks) do t:wait() end
+    local won, lost = 0, 0
+    local revoked_at = tonumber(assert(db:query("SELECT revoked_at FROM"
+      .. " paygate_api_keys WHERE key_id = $1", { k.key_id }))[1].revoked_at)
+    for _, g in ipairs(got) do
+      if g[1] == true then
+        won = won + 1
+      else
+        lost = lost + 1
+        assert.same({ false, "revoked", revoked_at }, g)
+      end
+    end
+    assert.same({ 1, 2 }, { won, lost })
+    local es = assert(audit.entries(db, "apikey:shop1"))
+    assert.same({ "apikey.created", "apikey.revoked" },
+                { es[1].what, es[2] and es[2].what })
+    assert.is_nil(es[3])
+    assert.is_true((audit.verify(db, "apikey:shop1")))
+    -- a key id the store never held is told apart
+    assert.same({ false, "unknown" }, { apikey.revoke(db, "ak_unknown") })
+    db2:close()
+    db:close()
+  end)
+
   it("makes no key when its entry cannot be written", function()
     local db = fresh_db()
     assert(apikey.create(db, "shop1"))
@@ -851,8 +889,15 @@ describe("paygate apikey (command)", function()
                            "apikey:shop9" }, { log = vout })
     assert.equal(0, p:wait(30), proc.read(vout))
     assert.matches("1 chains, 2 entries, 0 broken", proc.read(vout), 1, true)
-    code = run_cmd({ "revoke", "--db", url, "--key", k.key_id })
+    -- a second revoke (or one that lost a race) is told what happened
+    code, out = run_cmd({ "revoke", "--db", url, "--key", k.key_id })
     assert.equal(1, code)
+    assert.matches("paygate apikey: key " .. k.key_id .. " was revoked"
+                   .. " already, at 20%d%d%-", out)
+    code, out = run_cmd({ "revoke", "--db", url, "--key", "ak_nope" })
+    assert.equal(1, code)
+    assert.matches("paygate apikey: no key ak_nope in this store", out, 1,
+                   true)
     code, out = run_cmd({ "create", "--db", url })
     assert.equal(2, code)
     assert.matches("create needs --app APP", out, 1, true)

@@ -24,7 +24,9 @@ list    prints the keys (never a secret or a signing key), each with when
         none (exit 1), and nothing is made in it (list and revoke).
 revoke  disables KEY_ID at once in this process, and in running workers
         within their cache time (5 s): requests signed with it are then
-        refused 401 revoked_key.
+        refused 401 revoked_key. A key revoked already (by an earlier
+        revoke, or one run at the same time) is said so, with when
+        (exit 1); so is a key id the store does not hold.
 
 create and revoke each write an entry in the store's audit trail
 (subject apikey:APP_ID, apikey.created or apikey.revoked, the key id,
@@ -134,12 +136,19 @@ local function main(args)
       end
     end
   else
-    local ok, err = apikey.revoke(db, o["--key"], { actor = actor() })
+    local ok, why, at = apikey.revoke(db, o["--key"], { actor = actor() })
     if ok == nil then
-      io.stderr:write("paygate apikey: ", tostring(err), "\n")
+      io.stderr:write("paygate apikey: ", tostring(why), "\n")
+      code = 1
+    elseif not ok and why == "revoked" then
+      -- (by an earlier revoke, or by one that ran at the same time)
+      io.stderr:write("paygate apikey: key ", o["--key"], " was revoked"
+        .. " already, at ", os.date("!%Y-%m-%dT%H:%M:%SZ", math.floor(at)),
+        "\n")
       code = 1
     elseif not ok then
-      io.stderr:write("paygate apikey: no active key ", o["--key"], "\n")
+      io.stderr:write("paygate apikey: no key ", o["--key"], " in this"
+                      .. " store\n")
       code = 1
     else
       io.stdout:write("revoked ", o["--key"], ": running workers refuse it"
