@@ -60,7 +60,8 @@ _M.WINDOW = WINDOW
 local REASONS = { "missing_signature", "malformed_signature", "unknown_app",
                   "revoked_key", "stale_timestamp", "bad_signature" }
 -- ok: requests accepted; uses_recorded: writes of a key's last use
-local counts = { ok = 0, uses_recorded = 0 }
+-- started, uses_failed: of them, those the store refused
+local counts = { ok = 0, uses_recorded = 0, uses_failed = 0 }
 for _, r in ipairs(REASONS) do
   counts[r] = 0
 end
@@ -503,23 +504,37 @@ end
 -- A key's last use, written by its own task (the request does not wait
 -- for it) at most once per USE_EVERY s per key in this worker: the time
 -- kept is the first accepted request of that minute, so up to USE_EVERY
--- s before the real last use. A write that fails is logged and tried
--- again at the next use after USE_EVERY.
+-- s before the real last use. A write that fails is tried again at the
+-- next use after USE_EVERY, and logged at most once per USE_EVERY s in
+-- this worker, whatever the keys (a store refusing writes would say so
+-- once a minute per key otherwise), on the same clock as the marks;
+-- not_logged says how many failures since the last line were not.
 local used = setmetatable({}, { __mode = "k" })  -- db -> key_id -> mono
+local use_warned, use_not_logged = nil, 0        -- mono, count
 
-local function write_use(db, key_id, at)
+local function write_use(db, key_id, at, mono)
   local res, err = db:exec("INSERT INTO paygate_api_key_uses (key_id,"
     .. " last_used_at) VALUES ($1, $2) ON CONFLICT (key_id) DO UPDATE SET"
     .. " last_used_at = excluded.last_used_at WHERE"
     .. " paygate_api_key_uses.last_used_at < excluded.last_used_at",
     { key_id, at })
-  if not res then
-    local ok, paygate = pcall(require, "paygate")
-    if ok and paygate.log then
-      paygate.log.warn("apikey: cannot record a key's last use",
-                       { key_id = key_id, error = tostring(err) })
-    end
+  if res then
+    return
   end
+  counts.uses_failed = counts.uses_failed + 1
+  if use_warned and mono >= use_warned and mono - use_warned < USE_EVERY then
+    use_not_logged = use_not_logged + 1
+    return
+  end
+  use_warned = mono
+  local ok, paygate = pcall(require, "paygate")
+  if ok and paygate.log then
+    paygate.log.warn("apikey: cannot record a key's last use",
+                     { key_id = key_id, error = tostring(err),
+                       not_logged = use_not_logged > 0 and use_not_logged
+                                    or nil })
+  end
+  use_not_logged = 0
 end
 
 local function note_use(db, key_id, at, mono)
@@ -534,7 +549,7 @@ local function note_use(db, key_id, at, mono)
   end
   u[key_id] = mono
   counts.uses_recorded = counts.uses_recorded + 1
-  core.spawn(write_use, db, key_id, at)
+  core.spawn(write_use, db, key_id, at, mono)
 end
 
 -- syntax: app_id, err = apikey.verify(db, r[, opts])
@@ -710,8 +725,9 @@ function _M.before_hook(db, opts)
 end
 
 -- syntax: t = apikey.stats([scope])
--- returns: this worker's counters (ok, each refusal reason, and
--- uses_recorded: the writes of a key's last use), a copy;
+-- returns: this worker's counters (ok, each refusal reason,
+-- uses_recorded: the writes of a key's last use started, and
+-- uses_failed: of them, those that failed), a copy;
 -- with scope "all", the refusals of every worker since the server
 -- started (kept in the "paygate" shared dictionary)
 function _M.stats(scope)

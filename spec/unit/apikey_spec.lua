@@ -195,10 +195,15 @@ describe("apikey: a key's last use", function()
     local before = apikey.stats().uses_recorded
     use(T, 1000)
     last_used(k.key_id, T)
-    -- within the minute: no write
+    -- within the minute: no write (the store's own count: after the
+    -- two uses, one write of ours reaches it, so none of theirs is queued)
+    local writes = db:stats().writes
     use(T + 10, 1010)
     use(T + 59, 1059)
+    assert(db:exec("CREATE TABLE barrier (x INTEGER)"))
+    assert.equal(writes + 1, db:stats().writes)
     assert.equal(before + 1, apikey.stats().uses_recorded)
+    last_used(k.key_id, T)
     -- a minute on: one more
     use(T + 61, 1061)
     assert.equal(before + 2, apikey.stats().uses_recorded)
@@ -215,6 +220,55 @@ describe("apikey: a key's last use", function()
     for _, r in ipairs(rows) do
       if r.key_id == idle.key_id then assert.is_nil(r.last_used_at) end
     end
+    db:close()
+  end)
+end)
+
+describe("apikey: a key's last use that cannot be written", function()
+  it("is logged at most once a minute per worker, whatever the keys, and"
+     .. " the requests are accepted", function()
+    local db = fresh_db()
+    local keys = {}
+    for i = 1, 3 do keys[i] = assert(apikey.create(db, "shop1")) end
+    assert(apikey.list(db, "shop1"))
+    -- a store that refuses the write (read-only, full): the table gone
+    assert(db:exec("DROP TABLE paygate_api_key_uses"))
+    local lines = {}
+    local warn = paygate.log.warn
+    paygate.log.warn = function(msg, fields)
+      if msg == "apikey: cannot record a key's last use" then
+        lines[#lines + 1] = fields
+      end
+    end
+    finally(function() paygate.log.warn = warn end)
+    local function use(k, t, mono)
+      assert.equal("shop1", (apikey.verify(db, { method = "GET",
+        path = "/v1/x", authorization = apikey.sign{ app_id = "shop1",
+          key_id = k.key_id, secret = k.secret, method = "GET",
+          path = "/v1/x", timestamp = t }.Authorization },
+        { now = clock(t), mono = clock(mono) })))
+    end
+    local failed = apikey.stats().uses_failed or 0
+    -- (a mono of this spec's own, past the other cases' marks)
+    local M = 500000
+    local function failures(want)
+      testing.wait_until(function()
+        return (apikey.stats().uses_failed or 0) >= failed + want
+               or #lines >= want
+      end, 10, want .. " failed writes")
+    end
+    for i, k in ipairs(keys) do use(k, T, M + i) end
+    failures(3)
+    assert.equal(1, #lines)
+    assert.matches("^ak_", lines[1].key_id)
+    assert.matches("paygate_api_key_uses", lines[1].error)
+    assert.is_nil(lines[1].not_logged)
+    -- a minute after that line: the next failure is logged, saying how
+    -- many were not
+    use(keys[1], T + 70, M + 70)
+    failures(4)
+    assert.equal(2, #lines)
+    assert.equal(2, lines[2].not_logged)
     db:close()
   end)
 end)
