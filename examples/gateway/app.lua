@@ -234,11 +234,12 @@ payments.init(ctx)
 refunds.init(ctx)
 refunds_abnormal.init(ctx)
 notify.init(ctx)
-do   -- the counters alerted on, at 0 from the start (gw.apply)
+do   -- the counters alerted on, at 0 from the start (gw.apply, gw.notify)
   local mchids = {}
   for mchid in pairs(wx) do mchids[#mchids + 1] = mchid end
   table.sort(mchids)
   require("gw.apply").init_metrics(mchids)
+  notify.init_metrics(mchids)
 end
 ctx.refunds = refunds
 ctx.payments = payments
@@ -360,6 +361,7 @@ if paygate.runtime.mode == "worker" then
       return
     end
     ctx.unconfigured = found
+    notify.init_unconfigured(found)
     boot.say_unconfigured(found)
   end)
 end

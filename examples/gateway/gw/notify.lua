@@ -35,6 +35,21 @@ local ctx
 -- merchant than the payment's).
 local refused_log, refused_counter
 
+-- The kinds a configured merchant's notification is refused with, each
+-- at 0 from the start (the first one raises an alert on its rate or
+-- increase: a series that appears at 1 shows Prometheus none):
+-- wx:parse_notification's (docs/wechatpay.md; not replayed, answered
+-- apart), and merchant_mismatch. merchant_not_configured is the kind of
+-- merchants no longer configured (at 0 once boot.unconfigured found them).
+local REFUSED_KINDS = { "bad_signature", "stale_timestamp", "unknown_serial",
+  "cert_expired", "malformed", "decrypt_failed", "replay_check_unavailable",
+  "invalid_config", "timeout", "internal", "merchant_mismatch" }
+-- Up to 16 merchants' (the first by mchid: a worker holds 512 counter
+-- series in all), and room for the label sets the traffic brings (a kind
+-- not listed, the merchants no longer configured, those past the 16).
+local REFUSED_MERCHANTS = 16
+local REFUSED_SERIES = REFUSED_MERCHANTS * #REFUSED_KINDS + 32
+
 -- paygate_gateway_unknown_notifications_total{kind}: see unknown_target
 local unknown_counter
 local function unknown_metric()
@@ -52,11 +67,32 @@ function _M.init(c)
   refused_counter = refused_counter or metrics.counter(
     "paygate_gateway_notifications_refused_total",
     "Notifications refused (not verified, malformed, another merchant's"
-    .. " payment), each one, logged or not.", { "merchant", "kind" })
+    .. " payment), each one, logged or not.", { "merchant", "kind" },
+    { max_series = REFUSED_SERIES })
   -- at 0 from the start: the first one raises an alert on its increase
   -- (a series that appears at 1 shows Prometheus none)
   for _, kind in ipairs{ "payment", "refund" } do
     unknown_metric():inc({ kind = kind }, 0)
+  end
+end
+
+--- syntax: notify.init_metrics(mchids) -- at start (mchids: a sorted
+-- list): each refusal kind of the first REFUSED_MERCHANTS merchants at 0
+function _M.init_metrics(mchids)
+  for i = 1, math.min(#mchids, REFUSED_MERCHANTS) do
+    for _, kind in ipairs(REFUSED_KINDS) do
+      refused_counter:inc({ merchant = tostring(mchids[i]), kind = kind }, 0)
+    end
+  end
+end
+
+--- syntax: notify.init_unconfigured(found) -- found: boot.unconfigured's
+-- The merchants no longer configured whose notifications are refused
+-- (merchant_not_configured): their series at 0, as the others'
+function _M.init_unconfigured(found)
+  for mchid in pairs(found) do
+    refused_counter:inc({ merchant = mchid,
+                          kind = "merchant_not_configured" }, 0)
   end
 end
 
