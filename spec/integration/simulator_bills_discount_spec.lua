@@ -12,6 +12,7 @@ local wechatpay = require "paygate.wechatpay"
 local bill = require "paygate.wechatpay.bill"
 local server = require "support.server"
 local sn = require "support.simnotify"
+local days = require "support.days"
 
 -- the columns of a trade bill record (1-based)
 local C = { state = 10, settle = 13, coupon = 14, refund_no = 16,
@@ -22,9 +23,6 @@ local sim, recv, tmp, today
 local disc, full, r_disc, r_full, r_open     -- out_trade_no, out_refund_no
 local refund_answer                          -- the discounted refund's
 
-local function beijing_date(t)
-  return os.date("!%Y-%m-%d", math.floor(t) + 8 * 3600)
-end
 
 local function get(target)
   local res = sn.signed(sim, "GET", target)
@@ -60,27 +58,31 @@ setup(function()
   tmp = server.tmpdir()
   recv = sn.receiver()
   sim = sn.start{}
-  local url = sn.notify_url(recv, "discount")
-  local id = crypto.random_nonce(10)
-  disc, full = "DISC" .. id, "FULL" .. id
-  r_disc, r_full, r_open = "RDISC" .. id, "RFULL" .. id, "ROPEN" .. id
-  -- 100.00 paid 80.00: a 20.00 recharge coupon
-  sn.prepay(sim, disc, url, 10000)
-  local st, doc = sn.ctl(sim, "POST", "/sim/transactions/" .. disc .. "/pay",
-                         { payer_total = 8000 })
-  assert.equal(200, st, json.encode(doc))
-  sn.prepay(sim, full, url, 500)
-  sn.pay(sim, full)
-  -- 33.33 of the discounted order back: the payer 26.66 (⌊3333 × 0.8⌋),
-  -- the coupon 6.67
-  sn.refund(sim, disc, r_disc, 3333, 10000, url)
-  refund_answer = sn.settle(sim, r_disc, "SUCCESS")
-  sn.refund(sim, full, r_full, 100, 500, url)
-  sn.settle(sim, r_full, "SUCCESS")
-  -- still PROCESSING when the day is closed: in no bill
-  sn.refund(sim, disc, r_open, 1000, 10000, url)
-  today = beijing_date(os.time())
-  st, doc = sn.ctl(sim, "POST", "/sim/bills/close", { bill_date = today })
+  -- the records within one Beijing day, the bill's (made again in the
+  -- new day when a midnight passed meanwhile)
+  today = days.within(days.BEIJING, function()
+    local url = sn.notify_url(recv, "discount")
+    local id = crypto.random_nonce(10)
+    disc, full = "DISC" .. id, "FULL" .. id
+    r_disc, r_full, r_open = "RDISC" .. id, "RFULL" .. id, "ROPEN" .. id
+    -- 100.00 paid 80.00: a 20.00 recharge coupon
+    sn.prepay(sim, disc, url, 10000)
+    local st, doc = sn.ctl(sim, "POST", "/sim/transactions/" .. disc
+                           .. "/pay", { payer_total = 8000 })
+    assert.equal(200, st, json.encode(doc))
+    sn.prepay(sim, full, url, 500)
+    sn.pay(sim, full)
+    -- 33.33 of the discounted order back: the payer 26.66 (⌊3333 × 0.8⌋),
+    -- the coupon 6.67
+    sn.refund(sim, disc, r_disc, 3333, 10000, url)
+    refund_answer = sn.settle(sim, r_disc, "SUCCESS")
+    sn.refund(sim, full, r_full, 100, 500, url)
+    sn.settle(sim, r_full, "SUCCESS")
+    -- still PROCESSING when the day is closed: in no bill
+    sn.refund(sim, disc, r_open, 1000, 10000, url)
+  end)
+  local st, doc = sn.ctl(sim, "POST", "/sim/bills/close",
+                         { bill_date = today })
   assert.equal(200, st, json.encode(doc))
 end)
 

@@ -11,6 +11,7 @@ local wechatpay = require "paygate.wechatpay"
 local bill = require "paygate.wechatpay.bill"
 local server = require "support.server"
 local sn = require "support.simnotify"
+local days = require "support.days"
 
 local TRADE_HEADER = "交易时间,公众账号ID,商户号,特约商户号,设备号,微信订单号,"
   .. "商户订单号,用户标识,交易类型,交易状态,付款银行,货币种类,应结订单金额,"
@@ -68,23 +69,26 @@ setup(function()
   recv = sn.receiver()
   sim = sn.start{ extra = "bill_url_ttl = " .. TTL }
   certs = sn.platform_certs(sim)
-  nos = {}
-  local url = sn.notify_url(recv, "bills")
-  for i, total in ipairs({ 1, 250, 12345 }) do
-    nos[i] = "BILL" .. crypto.random_nonce(12)
-    sn.prepay(sim, nos[i], url, total)
-    sn.pay(sim, nos[i])
-  end
-  -- neither a failed nor an unpaid order is in a bill
-  local failed, unpaid = "BILLF" .. crypto.random_nonce(8),
-                         "BILLU" .. crypto.random_nonce(8)
-  sn.prepay(sim, failed, url, 7)
-  assert.equal(200, (sn.ctl(sim, "POST", "/sim/transactions/" .. failed
-                               .. "/fail", {})))
-  sn.prepay(sim, unpaid, url, 9)
-  sn.refund(sim, nos[3], "RBILL" .. nos[3]:sub(5), 100, 12345, url)
-  sn.settle(sim, "RBILL" .. nos[3]:sub(5), "SUCCESS")
-  today = beijing_date(os.time())
+  -- the records within one Beijing day, the bill's (made again in the
+  -- new day when a midnight passed meanwhile)
+  today = days.within(days.BEIJING, function()
+    nos = {}
+    local url = sn.notify_url(recv, "bills")
+    for i, total in ipairs({ 1, 250, 12345 }) do
+      nos[i] = "BILL" .. crypto.random_nonce(12)
+      sn.prepay(sim, nos[i], url, total)
+      sn.pay(sim, nos[i])
+    end
+    -- neither a failed nor an unpaid order is in a bill
+    local failed, unpaid = "BILLF" .. crypto.random_nonce(8),
+                           "BILLU" .. crypto.random_nonce(8)
+    sn.prepay(sim, failed, url, 7)
+    assert.equal(200, (sn.ctl(sim, "POST", "/sim/transactions/" .. failed
+                                 .. "/fail", {})))
+    sn.prepay(sim, unpaid, url, 9)
+    sn.refund(sim, nos[3], "RBILL" .. nos[3]:sub(5), 100, 12345, url)
+    sn.settle(sim, "RBILL" .. nos[3]:sub(5), "SUCCESS")
+  end)
 end)
 
 teardown(function()

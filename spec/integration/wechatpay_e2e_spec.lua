@@ -7,6 +7,7 @@ local crypto = require "paygate.crypto"
 local json = require "cjson.safe"
 local testing = require "paygate.testing"
 local bill = require "paygate.wechatpay.bill"
+local days = require "support.days"
 
 -- An app receiving notifications with paygate.wechatpay: it keeps each
 -- parsed event in a shared dict, by out_refund_no or out_trade_no.
@@ -272,11 +273,17 @@ local function suite(label, sim_opts)
     end)
 
     it("gives bills and downloads them with their hash checked", function()
-      local no = testing.out_trade_no()
-      assert(wx:native_prepay(base(no)))
-      sim:pay(no)
-      -- the bill of a day is made the next day: today's is not ready
-      local b, err = wx:trade_bill{ bill_date = beijing_date() }
+      -- paid within one Beijing day, the bill's (paid again in the new
+      -- day when a midnight passed meanwhile)
+      local y, no = days.within(days.BEIJING, function()
+        local no = testing.out_trade_no()
+        assert(wx:native_prepay(base(no)))
+        sim:pay(no)
+        return no
+      end)
+      -- the bill of a day is made the next day: that day's is not ready
+      -- (nor, just after a midnight, yesterday's)
+      local b, err = wx:trade_bill{ bill_date = y }
       assert.is_nil(b)
       assert.equal("statement_creating", err.kind)
       -- a day without trades
@@ -284,7 +291,6 @@ local function suite(label, sim_opts)
       assert.is_nil(b)
       assert.equal("no_statement_exist", err.kind)
       -- once the day is closed (WeChat: about 10:00 the next day)
-      local y = beijing_date()
       local old = no
       sim:close_bills(y)
       for _, gz in ipairs({ false, true }) do

@@ -86,9 +86,11 @@ local function assert_escaped(body)
   assert.matches("&lt;script&gt;alert(1)&lt;/script&gt;", body, 1, true)
 end
 
-local function today()
-  return os.date("!%Y-%m-%d")
-end
+-- the console's audit subject is console:<the UTC day>: what a case
+-- appended is read from every day since this file started, so a run
+-- across 00:00 UTC finds it on either side
+local days = require "support.days"
+local T0 = os.time()
 
 -- the last console audit entry: what, ref, who (loopback) and when
 local function assert_audited(e, what, ref)
@@ -99,7 +101,7 @@ local function assert_audited(e, what, ref)
 end
 
 local function console_entries(gw)
-  return assert(audit.entries(gw.db, "console:" .. today()))
+  return days.audit(gw.db, "console", T0)
 end
 
 -- Hostile paging cursors, filters and ids (not an event id, not UTF-8, a
@@ -1074,23 +1076,29 @@ end
       -- a refund WeChat paid back whose notification was lost: still
       -- processing here, the bill names it (the daily job's run reports a
       -- state mismatch of it, and so must the lever's)
-      local rp = gw:create{ description = "refunded" }
-      sim:pay_and_wait(rp.out_trade_no)
-      gw:wait_state(rp.id, "paid")
-      local rf = gw:call("POST", "/v1/payments/" .. rp.id .. "/refunds",
-                         { amount = 1 })
-      assert.equal(201, rf.status, rf.body)
-      sim:fault{ endpoint = "notify", kind = "never_sent", count = 1 }
-      sim:settle(rf.json.out_refund_no, "SUCCESS")
-      testing.wait_until(function()
-        local n = sim:notifications{ out_refund_no = rf.json.out_refund_no }
-        return n[1] and n[1].state == "dropped"
-      end, 10, "the refund's notification dropped")
-      local date = os.date("!%Y-%m-%d", os.time() + 8 * 3600)
+      -- (and a payment whose amount is changed here below: the report has
+      -- a row of it), both made within one Beijing day, the bill's (made
+      -- again in the new day when a midnight passed meanwhile)
+      local date, rp, rf, paid = days.within(days.BEIJING, function()
+        local rp = gw:create{ description = "refunded" }
+        sim:pay_and_wait(rp.out_trade_no)
+        gw:wait_state(rp.id, "paid")
+        local rf = gw:call("POST", "/v1/payments/" .. rp.id .. "/refunds",
+                           { amount = 1 })
+        assert.equal(201, rf.status, rf.body)
+        sim:fault{ endpoint = "notify", kind = "never_sent", count = 1 }
+        sim:settle(rf.json.out_refund_no, "SUCCESS")
+        testing.wait_until(function()
+          local n = sim:notifications{ out_refund_no = rf.json.out_refund_no }
+          return n[1] and n[1].state == "dropped"
+        end, 10, "the refund's notification dropped")
+        local pp = gw:create{ description = "amount changed" }
+        sim:pay_and_wait(pp.out_trade_no)
+        gw:wait_state(pp.id, "paid")
+        return rp, rf, assert(gw.db:query("SELECT id, paid_out_trade_no"
+          .. " FROM gw_payments WHERE id = $1", { pp.id }))[1]
+      end)
       sim:close_bills(date)
-      -- one paid payment's amount changed here: the report has a row
-      local paid = assert(gw.db:query("SELECT id, paid_out_trade_no FROM"
-        .. " gw_payments WHERE state = 'paid' LIMIT 1"))[1]
       assert(gw.db:exec("UPDATE gw_payments SET amount = amount + 1 WHERE"
                         .. " id = $1", { paid.id }))
       local page = get(gw, "/console/reconcile")
@@ -1694,7 +1702,7 @@ describe("gateway console: the bill reconciliation of two merchants",
       .. " again after 10:00 Beijing on " .. tomorrow .. "; the daily bill"
       .. " job is off here", flash, 1, true)
     -- the console's entry says the same, as no failure
-    local e = assert(audit.entries(gw.db, "console:" .. os.date("!%Y-%m-%d")))
+    local e = console_entries(gw)
     local ev = json.decode(e[#e].evidence)
     assert.equal("console.reconcile", e[#e].what)
     assert.is_true(ev.merchants[1].not_ready)
@@ -1754,7 +1762,7 @@ describe("gateway console: the bill reconciliation of two merchants",
     assert.matches("merchant " .. a .. ": failed: ", flash, 1, true)
     assert.matches("merchant " .. b .. ": 0 mismatches", flash, 1, true)
     -- and so does the console's entry
-    local e = assert(audit.entries(gw.db, "console:" .. os.date("!%Y-%m-%d")))
+    local e = console_entries(gw)
     local ev = json.decode(e[#e].evidence)
     assert.equal("console.reconcile", e[#e].what)
     assert.equal(a, ev.merchants[1].merchant)

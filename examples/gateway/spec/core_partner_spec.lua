@@ -3,6 +3,7 @@
 -- out_trade_no, trade_state).
 local testing = require "paygate.testing"
 local crypto = require "paygate.crypto"
+local days = require "support.days"
 local core = dofile("examples/gateway/spec/core_support.lua")
 
 describe("gateway for a service provider", function()
@@ -431,10 +432,14 @@ describe("gateway for a service provider", function()
     local gwr = require "gw.reconcile"
     local bill = require "paygate.reconcile.bill"
     local sub = sim.partner.sub_mchid
-    local p = gw:create{ sub_mchid = sub, amount = 77 }
-    sim:pay_and_wait(p.out_trade_no, { mchid = sub })
-    gw:wait_state(p.id, "paid")
-    local today = os.date("!%Y-%m-%d", os.time() + 8 * 3600)
+    -- made within one Beijing day, the bill's (made again in the new
+    -- day when a midnight passed meanwhile)
+    local today, p = days.within(days.BEIJING, function()
+      local p = gw:create{ sub_mchid = sub, amount = 77 }
+      sim:pay_and_wait(p.out_trade_no, { mchid = sub })
+      gw:wait_state(p.id, "paid")
+      return p
+    end)
     sim:close_bills(today)
     -- the gateway's rows say whose they are
     local mine

@@ -13,6 +13,7 @@
 local testing = require "paygate.testing"
 local audit = require "paygate.audit"
 local json = require "paygate.json"
+local days = require "support.days"
 local core = dofile("examples/gateway/spec/core_support.lua")
 
 describe("gateway: a service provider's daily bill", function()
@@ -31,25 +32,29 @@ describe("gateway: a service provider's daily bill", function()
 
   it("matches each line by its sub-merchant and number", function()
     local a, b = sim.partner.sub_mchids[1], sim.partner.sub_mchids[2]
-    local p = gw:create{ sub_mchid = a, amount = 40 }
-    -- sub-merchant b's order of the same number, made and paid first by
-    -- another system of the provider's (its notifications go elsewhere:
-    -- a loopback port nothing serves)
-    local wx = sim:client(sim.partner)
-    local ok, err = wx:native_prepay{ sp_appid = sim.partner.appid,
-      sub_mchid = b, description = "another system's",
-      out_trade_no = p.out_trade_no, notify_url = "http://127.0.0.1:9/n",
-      amount = { total = 41, currency = "CNY" } }
-    wx:stop()
-    assert(ok, tostring(err))
-    sim:pay(p.out_trade_no, b)
-    -- then the gateway's, paid
-    sim:pay_and_wait(p.out_trade_no, { mchid = a })
-    gw:wait_state(p.id, "paid")
-    -- and b's refunded in the merchant platform
-    local r = sim:refund_outside(p.out_trade_no, { amount = 5 }, b)
-    sim:settle(r.out_refund_no, "SUCCESS", b)
-    local date = os.date("!%Y-%m-%d", os.time() + 8 * 3600)
+    -- made within one Beijing day, the bill's (made again in the new
+    -- day when a midnight passed meanwhile)
+    local date, p, r = days.within(days.BEIJING, function()
+      local p = gw:create{ sub_mchid = a, amount = 40 }
+      -- sub-merchant b's order of the same number, made and paid first by
+      -- another system of the provider's (its notifications go elsewhere:
+      -- a loopback port nothing serves)
+      local wx = sim:client(sim.partner)
+      local ok, err = wx:native_prepay{ sp_appid = sim.partner.appid,
+        sub_mchid = b, description = "another system's",
+        out_trade_no = p.out_trade_no, notify_url = "http://127.0.0.1:9/n",
+        amount = { total = 41, currency = "CNY" } }
+      wx:stop()
+      assert(ok, tostring(err))
+      sim:pay(p.out_trade_no, b)
+      -- then the gateway's, paid
+      sim:pay_and_wait(p.out_trade_no, { mchid = a })
+      gw:wait_state(p.id, "paid")
+      -- and b's refunded in the merchant platform
+      local r = sim:refund_outside(p.out_trade_no, { amount = 5 }, b)
+      sim:settle(r.out_refund_no, "SUCCESS", b)
+      return p, r
+    end)
     sim:close_bills(date)
     -- the day run from the console's lever, as the job runs it
     local page = gw.srv:request{ path = "/console/reconcile" }

@@ -6,6 +6,7 @@
 local testing = require "paygate.testing"
 local audit = require "paygate.audit"
 local bill = require "paygate.reconcile.bill"
+local days = require "support.days"
 local core = dofile("examples/gateway/spec/core_support.lua")
 
 -- The simulator (bills ready as soon as a day is over: whatever the hour
@@ -676,21 +677,25 @@ describe("gateway daily bill: a refund line the gateway has as not"
      function()
     package.path = "examples/gateway/?.lua;" .. package.path
     local gwr = require "gw.reconcile"
-    local p = gw:create{ amount = 90 }
-    sim:pay_and_wait(p.out_trade_no)
-    gw:wait_state(p.id, "paid")
-    local r = gw:call("POST", "/v1/payments/" .. p.id .. "/refunds",
-                      { amount = 40 })
-    assert.equal(201, r.status, r.body)
-    assert.equal("processing", r.json.state)
-    -- WeChat pays it back; its notification is lost
-    sim:fault{ endpoint = "notify", kind = "never_sent", count = 1 }
-    sim:settle(r.json.out_refund_no, "SUCCESS")
-    testing.wait_until(function()
-      local n = sim:notifications{ out_refund_no = r.json.out_refund_no }[1]
-      return n and n.state == "dropped"
-    end, 10, "the refund's notification dropped")
-    local today = os.date("!%Y-%m-%d", os.time() + 8 * 3600)
+    -- made within one Beijing day, the bill's (made again in the new
+    -- day when a midnight passed meanwhile)
+    local today, p, r = days.within(days.BEIJING, function()
+      local p = gw:create{ amount = 90 }
+      sim:pay_and_wait(p.out_trade_no)
+      gw:wait_state(p.id, "paid")
+      local r = gw:call("POST", "/v1/payments/" .. p.id .. "/refunds",
+                        { amount = 40 })
+      assert.equal(201, r.status, r.body)
+      assert.equal("processing", r.json.state)
+      -- WeChat pays it back; its notification is lost
+      sim:fault{ endpoint = "notify", kind = "never_sent", count = 1 }
+      sim:settle(r.json.out_refund_no, "SUCCESS")
+      testing.wait_until(function()
+        local n = sim:notifications{ out_refund_no = r.json.out_refund_no }[1]
+        return n and n.state == "dropped"
+      end, 10, "the refund's notification dropped")
+      return p, r
+    end)
     sim:close_bills(today)
     local dir = bill_dir .. "/spec"
     os.execute("mkdir -p '" .. dir .. "'")

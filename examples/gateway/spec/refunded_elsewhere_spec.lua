@@ -12,6 +12,7 @@
 local testing = require "paygate.testing"
 local audit = require "paygate.audit"
 local json = require "paygate.json"
+local days = require "support.days"
 local core = dofile("examples/gateway/spec/core_support.lua")
 
 local WARN = "gateway: money refunded outside this gateway"
@@ -235,10 +236,14 @@ describe("gateway: a refund made outside it", function()
 
   it("a bill's refund line of an out_refund_no unknown here flags its"
      .. " payment and says so", function()
-    local p = paid()
-    local r = sim:refund_outside(p.out_trade_no, {})
-    sim:settle(r.out_refund_no, "SUCCESS")
-    local date = os.date("!%Y-%m-%d", os.time() + 8 * 3600)
+    -- made within one Beijing day, the bill's (made again in the new
+    -- day when a midnight passed meanwhile)
+    local date, p, r = days.within(days.BEIJING, function()
+      local p = paid()
+      local r = sim:refund_outside(p.out_trade_no, {})
+      sim:settle(r.out_refund_no, "SUCCESS")
+      return p, r
+    end)
     sim:close_bills(date)
     local page = gw.srv:request{ path = "/console/reconcile" }
     assert.equal(200, page.status, page.body)
