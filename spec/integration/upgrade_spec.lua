@@ -38,6 +38,27 @@ local function replace(bin)
   assert(os.rename(bin .. ".new", bin))
 end
 
+-- a "new build" at bin that is a shell script (a wrong file installed, a
+-- wrapper): script is its body
+local function replace_with_script(bin, script)
+  proc.write(bin .. ".new", "#!/bin/sh\n" .. script .. "\n")
+  assert(os.execute("chmod 755 " .. proc.sh_quote(bin .. ".new")))
+  assert(os.rename(bin .. ".new", bin))
+end
+
+-- WHO, its top level waiting while the file hold is there: a worker that
+-- never becomes ready (its loop turns: the watchdog lets it be)
+local function held(hold)
+  return WHO .. ([[
+while true do
+  local f = io.open(%q)
+  if not f then break end
+  f:close()
+  paygate.sleep(0.05)
+end
+]]):format(hold)
+end
+
 local function readlink(path)
   local ffi = require "ffi"
   local buf = ffi.new("char[4096]")
@@ -160,6 +181,72 @@ describe("paygate upgrade", function()
     assert.equal(1, code, said)
     assert.matches("did not start: cannot run " .. bin:gsub("%p", "%%%0")
                    .. ": No such file or directory", said)
+    assert.equal(tostring(s.pid), assert(s:request("/who")).body)
+  end)
+
+  it("refused: a new binary that exits at once; the old master serves on",
+     function()
+    local bin = copy_bin()
+    s = server.start{ source = WHO, bin = bin }
+    replace_with_script(bin, "exit 3")
+    local code, said = proc.run({ PAYGATE_BIN, "upgrade", "--pid-file",
+                                  s.pid_file, "--timeout", "20" })
+    assert.equal(1, code, said)
+    assert.matches("paygate upgrade: refused: the new master %(pid %d+%) "
+                   .. "exited with status 3 before serving", said)
+    assert.matches(("pid %d keeps serving"):format(s.pid), said)
+    assert.equal(tostring(s.pid), proc.read(s.pid_file):match("%d+"))
+    assert.equal(tostring(s.pid), assert(s:request("/who")).body)
+    assert.matches("upgrade refused: the new master .* exited with status 3",
+                   s:logs())
+    -- and it upgrades once a good build is in place
+    replace(bin)
+    local again
+    code, again = upgrade(s, bin)
+    assert.equal(0, code, again)
+    new = tonumber(proc.read(s.pid_file))
+    guard = proc.guard(new)
+  end)
+
+  it("refused: the new master's worker never loads within upgrade_timeout",
+     function()
+    local bin = copy_bin()
+    s = server.start{ source = WHO, bin = bin,
+                      config = { upgrade_timeout = 1 } }
+    local hold = s.app .. "/hold"
+    proc.write(hold, "")
+    proc.write(s.app .. "/app.lua", held(hold))
+    local code, said = proc.run({ bin, "upgrade", "--pid-file", s.pid_file,
+                                  "--timeout", "20" })
+    assert.equal(1, code, said)
+    assert.matches("paygate upgrade: refused: the new master %(pid %d+%) "
+                   .. "did not serve within 1 s %(upgrade_timeout", said)
+    assert.matches(("pid %d keeps serving"):format(s.pid), said)
+    assert.equal(tostring(s.pid), proc.read(s.pid_file):match("%d+"))
+    assert.equal(tostring(s.pid), assert(s:request("/who")).body)
+    -- the new master and its worker stop; the old one's worker alone
+    local failed = tonumber(said:match("new master %(pid (%d+)%)"))
+    proc.wait_until(function() return not proc.running(failed) end, 20,
+                    "the new master to stop")
+    proc.wait_until(function() return #s:workers() == 1 end, 20,
+                    "the old master's worker alone")
+  end)
+
+  it("refused: a new binary that never serves is stopped at the timeout",
+     function()
+    local bin = copy_bin()
+    s = server.start{ source = WHO, bin = bin,
+                      config = { upgrade_timeout = 1 } }
+    -- a wrong file installed: no paygate, it never says a word
+    replace_with_script(bin, "exec sleep 300")
+    local code, said = proc.run({ PAYGATE_BIN, "upgrade", "--pid-file",
+                                  s.pid_file, "--timeout", "20" })
+    assert.equal(1, code, said)
+    assert.matches("did not serve within 1 s", said)
+    -- TERM ends it: it does not keep the listening sockets
+    local failed = tonumber(said:match("new master %(pid (%d+)%)"))
+    proc.wait_until(function() return not proc.running(failed) end, 10,
+                    "the stalled new binary to end on TERM")
     assert.equal(tostring(s.pid), assert(s:request("/who")).body)
   end)
 

@@ -37,6 +37,7 @@ gw_opts_defaults(struct gw_opts *o)
     snprintf(o->admin, sizeof(o->admin), "127.0.0.1:9090");
     o->workers = n > 0 ? (int) n : 1;
     o->shutdown_timeout = 30;
+    o->upgrade_timeout = 60;
     o->loop_stall = GW_LOOP_STALL_DEFAULT;
     o->log_level = GW_LOG_INFO;
     gw_server_conf_defaults(&o->server);
@@ -71,6 +72,7 @@ static const struct key top_keys[] = {
     { "resolver", 's', S(resolver) },
     { "workers", 'i', N(workers) },
     { "shutdown_timeout", 'n', N(shutdown_timeout) },
+    { "upgrade_timeout", 'n', N(upgrade_timeout) },
     { NULL, 0, 0, 0 }
 };
 

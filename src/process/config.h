@@ -32,6 +32,10 @@ struct gw_opts {
                                              rotations (session life) */
     int                   workers;        /* processes; >= 1 */
     double                shutdown_timeout; /* s to drain on TERM */
+    double                upgrade_timeout; /* s an upgrade's new master
+                                             has to serve, all its workers
+                                             loaded, before it is told to
+                                             stop (the old one's value) */
     double                loop_stall;     /* s a worker's loop may go
                                              without turning before the
                                              master kills it (0: never;

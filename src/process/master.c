@@ -42,7 +42,6 @@
 #define ADMIN_MAX_CONNS 64      /* admin clients at once; more wait */
 #define ADMIN_DEADLINE 5.0      /* s from accept to a whole request head */
 #define WATCHDOG_EVERY 0.5      /* s between the watchdog's looks */
-#define UPGRADE_TIMEOUT 60      /* s for an upgrade's new master to serve */
 #define INHERIT_ENV "PAYGATE_INHERIT"   /* what an upgrade hands over */
 #define WATCHDOG_LATE 1.0       /* s a look may come late before the master
                                    takes it that it did not run itself */
@@ -113,7 +112,7 @@ static struct {
                                        fails; 0 when none */
     int               upgrade_fd;   /* our end of its socket, or -1 */
     struct event     *upgrade_ev;   /* owned: watches upgrade_fd */
-    struct event     *upgrade_timer; /* owned: UPGRADE_TIMEOUT */
+    struct event     *upgrade_timer; /* owned: o->upgrade_timeout */
     int               upgrades;     /* upgrades asked for (PID_FILE.upgrade) */
     /* this master as an upgrade's new one: */
     struct event     *handover_ev;  /* owned: watches up.fd for the go */
@@ -1383,9 +1382,9 @@ on_upgrade_timeout(evutil_socket_t fd, short what, void *arg)
     char why[200];
 
     snprintf(why, sizeof(why), "the new master (pid %d) did not serve "
-             "within %d s (a worker loading the app, or waiting for "
-             "something it needs; its log lines say what)",
-             (int) m.upgrade_pid, UPGRADE_TIMEOUT);
+             "within %g s (upgrade_timeout; a worker loading the app, or "
+             "waiting for something it needs: its log lines say what)",
+             (int) m.upgrade_pid, m.o->upgrade_timeout);
     kill(m.upgrade_pid, SIGTERM);   /* it stops its workers gracefully */
     upgrade_refused(why);
 }
@@ -1401,7 +1400,8 @@ on_upgrade_timeout(evutil_socket_t fd, short what, void *arg)
 static void
 on_usr2(evutil_socket_t sig, short what, void *arg)
 {
-    struct timeval tv = { UPGRADE_TIMEOUT, 0 };
+    double secs = m.o->upgrade_timeout;
+    struct timeval tv;
     char env[200], why[300];
     int p[2];
     pid_t pid;
@@ -1440,9 +1440,18 @@ on_usr2(evutil_socket_t sig, short what, void *arg)
         int e, len;
 
         /* no signal may run this master's handlers here (they would
-         * write to its loop's signal socket); the new master unblocks
-         * them once it has read PAYGATE_INHERIT */
+         * write to its loop's signal socket): blocked while every one is
+         * put back to its default (execv keeps what is ignored, SIGPIPE,
+         * and the mask), then let through, so that what runs gets a
+         * fresh process's signals: a binary that is no new paygate (an
+         * older one, a script) must still die of the TERM the timeout
+         * sends, or it would hold the listening sockets for good */
         sigfillset(&all);
+        sigprocmask(SIG_SETMASK, &all, NULL);
+        for (int n = 1; n < NSIG; n++) {
+            signal(n, SIG_DFL);     /* fails for KILL, STOP: no matter */
+        }
+        sigemptyset(&all);
         sigprocmask(SIG_SETMASK, &all, NULL);
         close(p[0]);
         fcntl(m.listen_fd, F_SETFD, 0);
@@ -1463,6 +1472,8 @@ on_usr2(evutil_socket_t sig, short what, void *arg)
     close(p[1]);
     m.upgrade_pid = pid;
     m.upgrade_fd = p[0];
+    tv.tv_sec = (time_t) secs;
+    tv.tv_usec = (suseconds_t) ((secs - (double) tv.tv_sec) * 1e6);
     m.upgrade_ev = event_new(gw_loop_base(), p[0], EV_READ | EV_PERSIST,
                              on_upgrade_msg, NULL);
     if (m.upgrade_ev == NULL || event_add(m.upgrade_ev, NULL) != 0
@@ -1540,7 +1551,7 @@ gw_upgrade_env(char *err, size_t errlen)
     if (v == NULL) {
         return 0;
     }
-    /* the old master blocked every signal before it ran us */
+    /* a master of an earlier build ran us with every signal blocked */
     sigemptyset(&none);
     sigprocmask(SIG_SETMASK, &none, NULL);
     if (sscanf(v, "listen=%d,admin=%d,socket=%d,from=%d%n", &listen_fd,

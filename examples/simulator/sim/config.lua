@@ -21,7 +21,7 @@ _M.SM2 = "WECHATPAY2-SM2-WITH-SM3"
 local RUNTIME = {
   listen = true, admin = true, pid_file = true, workers = true,
   shutdown_timeout = true, log_level = true, access_log = true, tls = true,
-  shared = true, limits = true, resolver = true,
+  shared = true, limits = true, resolver = true, upgrade_timeout = true,
 }
 
 local MODES = { platform_certificates = true, public_key = true,
