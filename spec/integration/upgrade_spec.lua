@@ -250,6 +250,53 @@ describe("paygate upgrade", function()
     assert.equal(tostring(s.pid), assert(s:request("/who")).body)
   end)
 
+  it("one at a time: an upgrade during a reload and a reload during an "
+     .. "upgrade are refused", function()
+    local bin = copy_bin()
+    s = server.start{ source = WHO, bin = bin }
+    local hold, status = s.app .. "/hold", s.pid_file .. ".reload"
+    proc.write(hold, "")
+    proc.write(s.app .. "/app.lua", held(hold))
+    -- a reload loading (its new worker held): no upgrade now (the reload
+    -- would be dropped at the handover, PID_FILE.reload left "loading")
+    local code, said = proc.run({ bin, "reload", "--pid-file", s.pid_file,
+                                  "--no-wait" })
+    assert.equal(0, code, said)
+    proc.wait_until(function() return proc.read(status):match(" loading") end,
+                    10, "the reload to load")
+    code, said = proc.run({ bin, "upgrade", "--pid-file", s.pid_file,
+                            "--timeout", "10" })
+    assert.equal(1, code, said)
+    assert.matches("paygate upgrade: refused: a reload is loading new code",
+                   said)
+    os.remove(hold)
+    proc.wait_until(function() return proc.read(status):match("^1 ok") end,
+                    20, "the reload to end")
+    -- an upgrade in progress (the new master's worker held): no reload now
+    -- (what it loaded would not serve after the handover)
+    proc.write(hold, "")
+    local out = s.dir .. "/upgrade.out"
+    local up = proc.spawn({ bin, "upgrade", "--pid-file", s.pid_file,
+                            "--timeout", "30" }, { log = out })
+    proc.wait_until(function()
+      return proc.read(s.pid_file .. ".upgrade"):match(" upgrading")
+    end, 10, "the upgrade to start")
+    code, said = proc.run({ bin, "reload", "--pid-file", s.pid_file,
+                            "--timeout", "10" })
+    assert.equal(1, code, said)
+    assert.matches("paygate reload: refused: an upgrade is in progress",
+                   said)
+    os.remove(hold)
+    assert.equal(0, up:wait(30), proc.read(out))
+    new = tonumber(proc.read(s.pid_file))
+    guard = proc.guard(new)
+    -- the new master reloads, its outcomes numbered on
+    code, said = proc.run({ bin, "reload", "--pid-file", s.pid_file,
+                            "--timeout", "20" })
+    assert.equal(0, code, said)
+    assert.matches("^3 ok", proc.read(status))
+  end)
+
   it("signals only a master that upgrades", function()
     local dir = server.tmpdir()
     local f = dir .. "/by-hand.pid"

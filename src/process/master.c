@@ -672,6 +672,28 @@ on_hup(evutil_socket_t sig, short what, void *arg)
     if (m.stopping) {
         return;
     }
+    if (up.fd >= 0) {
+        /* an upgrade's new master before it took over: the pid file and
+         * its status files are the old master's, and this one read the
+         * code at its start */
+        gw_log(GW_LOG_WARN, "reload ignored: this master is taking over "
+               "from pid %d and does not serve yet (it read the code at "
+               "its start)", (int) up.from);
+        return;
+    }
+    if (m.upgrade_pid != 0) {
+        /* the new master read the code at its start, before this HUP:
+         * a reload of ours would be dropped at the handover, and what
+         * this reload loads would not serve */
+        snprintf(err, sizeof(err), "an upgrade is in progress (the new "
+                 "master, pid %d, read the code at its start); reload "
+                 "once it has ended", (int) m.upgrade_pid);
+        gw_metrics_reload(0);
+        gw_log(GW_LOG_ERROR, "reload refused: %s; generation %d keeps "
+                             "serving", err, m.gen);
+        reload_status(0, err);
+        return;
+    }
     if (m.next_gen != 0) {
         m.reload_again = 1;
         return;
@@ -1412,10 +1434,25 @@ on_usr2(evutil_socket_t sig, short what, void *arg)
                (int) m.upgrade_pid);
         return;
     }
+    if (up.fd >= 0) {
+        /* an upgrade's new master before it took over: PID_FILE.upgrade
+         * is the old master's */
+        gw_log(GW_LOG_WARN, "upgrade ignored: this master is taking over "
+               "from pid %d and does not serve yet", (int) up.from);
+        return;
+    }
     m.upgrades++;
     if (m.stopping || !m.served) {
         upgrade_refused(m.stopping ? "the server is stopping"
                                    : "the server is not serving yet");
+        return;
+    }
+    if (m.next_gen != 0) {
+        /* its generation would be dropped at the handover (this master
+         * stops), PID_FILE.reload left saying "loading" */
+        upgrade_refused("a reload is loading new code; upgrade once it has "
+                        "ended (the new master reads the code at its "
+                        "start)");
         return;
     }
     if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, p) != 0) {
