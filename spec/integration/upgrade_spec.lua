@@ -297,6 +297,67 @@ describe("paygate upgrade", function()
     assert.matches("^3 ok", proc.read(status))
   end)
 
+  it("refused: the master is a systemd service's main process", function()
+    -- a wrapper execs the binary as systemd's ExecStart would: the master
+    -- is the process systemd started (SYSTEMD_EXEC_PID), its exit the
+    -- service's end, the new master stopped with it
+    local bin = copy_bin()
+    local wrapper = bin .. "-unit"
+    proc.write(wrapper, "#!/bin/sh\nSYSTEMD_EXEC_PID=$$ INVOCATION_ID=0f "
+                        .. "exec " .. proc.sh_quote(bin) .. ' "$@"\n')
+    assert(os.execute("chmod 755 " .. proc.sh_quote(wrapper)))
+    s = server.start{ source = WHO, bin = wrapper }
+    local code, said = upgrade(s, bin)
+    assert.equal(1, code, said)
+    assert.matches("paygate upgrade: refused: this master is the main "
+                   .. "process of a systemd service: .*`paygate reload`.*"
+                   .. "systemctl restart", said)
+    assert.matches(("pid %d keeps serving"):format(s.pid), said)
+    assert.equal(tostring(s.pid), assert(s:request("/who")).body)
+    assert.is_nil(s.proc:poll())
+    s:stop()
+    -- one a process of a service started (a shell of a terminal that a
+    -- systemd user service runs): it upgrades
+    proc.write(wrapper, "#!/bin/sh\nSYSTEMD_EXEC_PID=1 INVOCATION_ID=0f "
+                        .. "exec " .. proc.sh_quote(bin) .. ' "$@"\n')
+    s = server.start{ source = WHO, bin = wrapper }
+    code, said = upgrade(s, bin)
+    assert.equal(0, code, said)
+    new = tonumber(proc.read(s.pid_file))
+    guard = proc.guard(new)
+  end)
+
+  it("refused: the master is PID 1 (a container's init)", function()
+    local bin = copy_bin()
+    local ok = proc.run({ "unshare", "-pf", "--kill-child", "true" })
+    if ok ~= 0 then
+      pending("unshare -pf is not permitted here (no new PID namespace)")
+      return
+    end
+    local wrapper = bin .. "-init"
+    proc.write(wrapper, "#!/bin/sh\nexec unshare -pf --kill-child=TERM "
+                        .. proc.sh_quote(bin) .. ' "$@"\n')
+    assert(os.execute("chmod 755 " .. proc.sh_quote(wrapper)))
+    -- its pid file says 1 (its own PID namespace's): signalled by hand
+    s = server.start{ source = WHO, bin = wrapper, wait = false }
+    local master
+    proc.wait_until(function()
+      master = proc.children(s.pid)[1]
+      return master and s:logs():match("serving")
+    end, 15, "paygate to serve as PID 1")
+    proc.kill_pid(master, proc.SIGUSR2)
+    local status = s.pid_file .. ".upgrade"
+    proc.wait_until(function()
+      return proc.read(status):match("^1 1 refused")
+    end, 10, "the upgrade's outcome")
+    assert.matches("refused: this master is PID 1 %(a container's init%): "
+                   .. ".*`paygate reload`", proc.read(status))
+    assert.matches("upgrade refused: this master is PID 1", s:logs())
+    -- it serves on (its workers see the host's /proc: its pid there)
+    assert.equal(tostring(master), assert(s:request("/who")).body)
+    assert.is_true(proc.running(master))
+  end)
+
   it("signals only a master that upgrades", function()
     local dir = server.tmpdir()
     local f = dir .. "/by-hand.pid"

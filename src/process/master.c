@@ -1412,6 +1412,40 @@ on_upgrade_timeout(evutil_socket_t fd, short what, void *arg)
 }
 
 /*
+ * Whether this master's exit would end the server whatever the new master
+ * does, so an upgrade cannot survive: it is PID 1 (a container's init:
+ * the kernel kills every process of the container when it exits), or the
+ * process a systemd service started (SYSTEMD_EXEC_PID, systemd 248 on;
+ * before it, INVOCATION_ID with systemd as the parent): its main process,
+ * whose exit systemd takes for the service's end, stopping the rest of
+ * its cgroup, the new master with it. Says why in why; 0 when not.
+ */
+static int
+upgrade_cannot_survive(char *why, size_t len)
+{
+    const char *exec_pid = getenv("SYSTEMD_EXEC_PID");
+    const char *fix = "load new code with `paygate reload`, and a new "
+                      "binary with a restart";
+
+    if (getpid() == 1) {
+        snprintf(why, len, "this master is PID 1 (a container's init): "
+                 "its exit would end every process of the container, the "
+                 "new master with it; %s of the container", fix);
+        return 1;
+    }
+    if ((exec_pid != NULL && atoi(exec_pid) == (int) getpid())
+        || (exec_pid == NULL && getenv("INVOCATION_ID") != NULL
+            && getppid() == 1)) {
+        snprintf(why, len, "this master is the main process of a systemd "
+                 "service: systemd takes its exit for the service's end "
+                 "and stops the new master with it; %s (systemctl restart)",
+                 fix);
+        return 1;
+    }
+    return 0;
+}
+
+/*
  * USR2: starts self_exe with self_argv as a new master, in a child of
  * this one, handing it the listening sockets (their fds kept open across
  * exec, the numbers in PAYGATE_INHERIT with the socket it reports on and
@@ -1424,7 +1458,7 @@ on_usr2(evutil_socket_t sig, short what, void *arg)
 {
     double secs = m.o->upgrade_timeout;
     struct timeval tv;
-    char env[200], why[300];
+    char env[200], why[400];
     int p[2];
     pid_t pid;
 
@@ -1445,6 +1479,10 @@ on_usr2(evutil_socket_t sig, short what, void *arg)
     if (m.stopping || !m.served) {
         upgrade_refused(m.stopping ? "the server is stopping"
                                    : "the server is not serving yet");
+        return;
+    }
+    if (upgrade_cannot_survive(why, sizeof(why))) {
+        upgrade_refused(why);
         return;
     }
     if (m.next_gen != 0) {
