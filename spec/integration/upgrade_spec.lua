@@ -358,6 +358,26 @@ describe("paygate upgrade", function()
     assert.is_true(proc.running(master))
   end)
 
+  it("PAYGATE_INHERIT is environment input: checked, exit 2", function()
+    local dir = server.tmpdir("inherit")
+    proc.write(dir .. "/app.lua", WHO)
+    local run = proc.sh_quote(PAYGATE_BIN) .. " run " .. proc.sh_quote(dir)
+                .. " --listen 127.0.0.1:0 --admin off"
+    -- not our parent's upgrade
+    local code, said = proc.run({ "sh", "-c", "PAYGATE_INHERIT=listen=5,"
+      .. "admin=-1,socket=6,from=999999 exec " .. run })
+    assert.equal(2, code, said)
+    assert.matches("paygate: PAYGATE_INHERIT names pid 999999 as the master this "
+                   .. "one replaces, but the parent is pid %d+", said)
+    -- our parent's (sh execs paygate: this process), but socket= is a file
+    code, said = proc.run({ "sh", "-c", "exec 5</dev/null 6</dev/null; "
+      .. "PAYGATE_INHERIT=listen=5,admin=-1,socket=6,from="
+      .. proc.getpid() .. " exec " .. run })
+    assert.equal(2, code, said)
+    assert.matches("paygate: PAYGATE_INHERIT's socket=6 is not a socket to "
+                   .. "the old master of its own", said)
+  end)
+
   it("signals only a master that upgrades", function()
     local dir = server.tmpdir()
     local f = dir .. "/by-hand.pid"

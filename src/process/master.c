@@ -1621,6 +1621,9 @@ gw_upgrade_env(char *err, size_t errlen)
 {
     const char *v = getenv(INHERIT_ENV);
     int listen_fd = -1, admin_fd = -1, fd = -1, from = 0, used = 0;
+    int type = 0;
+    struct sockaddr_storage ss;
+    socklen_t tl = sizeof(type), sl = sizeof(ss);
     sigset_t none;
 
     if (v == NULL) {
@@ -1639,6 +1642,25 @@ gw_upgrade_env(char *err, size_t errlen)
         return -1;
     }
     unsetenv(INHERIT_ENV);      /* not for the workers, nor what they run */
+    /* environment input: the old master is our parent (it forked us), and
+     * the socket to it is a stream socket of its own, apart from the
+     * listeners (which gw_listen_inherited checks) */
+    if (getppid() != (pid_t) from) {
+        snprintf(err, errlen, INHERIT_ENV " names pid %d as the master "
+                 "this one replaces, but the parent is pid %d (it is for "
+                 "the new master of a `paygate upgrade` only)", from,
+                 (int) getppid());
+        return -1;
+    }
+    if (fd == listen_fd || fd == admin_fd || listen_fd == admin_fd
+        || getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &tl) != 0
+        || type != SOCK_STREAM
+        || getsockname(fd, (struct sockaddr *) &ss, &sl) != 0
+        || ss.ss_family != AF_UNIX) {
+        snprintf(err, errlen, INHERIT_ENV "'s socket=%d is not a socket to "
+                 "the old master of its own", fd);
+        return -1;
+    }
     fcntl(fd, F_SETFD, FD_CLOEXEC);
     up.listen_fd = listen_fd;
     up.admin_fd = admin_fd;

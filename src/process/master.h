@@ -17,7 +17,8 @@ int gw_master_main(struct gw_opts *o, const struct gw_opts *file,
 /* Whether this process is the new master of an upgrade: reads and unsets
  * PAYGATE_INHERIT (the old master's listening sockets and the socket to
  * it) and unblocks the signals. Call first. Returns 1 when it is, 0 when
- * not, -1 with a reason in err when the variable is malformed. */
+ * not, -1 with a reason in err when the variable is malformed or names no
+ * upgrade of this process's parent (it is environment input). */
 int gw_upgrade_env(char *err, size_t errlen);
 
 /* An upgrade's new master that stops before taking over tells the old
