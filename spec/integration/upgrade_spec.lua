@@ -367,8 +367,8 @@ describe("paygate upgrade", function()
     local code, said = proc.run({ "sh", "-c", "PAYGATE_INHERIT=listen=5,"
       .. "admin=-1,socket=6,from=999999 exec " .. run })
     assert.equal(2, code, said)
-    assert.matches("paygate: PAYGATE_INHERIT names pid 999999 as the master this "
-                   .. "one replaces, but the parent is pid %d+", said)
+    assert.matches("paygate: PAYGATE_INHERIT names pid 999999 as the master "
+                   .. "this one replaces, but the parent is pid %d+", said)
     -- our parent's (sh execs paygate: this process), but socket= is a file
     code, said = proc.run({ "sh", "-c", "exec 5</dev/null 6</dev/null; "
       .. "PAYGATE_INHERIT=listen=5,admin=-1,socket=6,from="

@@ -97,7 +97,8 @@ static const char usage_reload[] =
 "Ask the server whose master pid is in FILE to load its code again (the\n"
 "same as kill -HUP). New workers load the code; only when all of them\n"
 "loaded it do the old ones finish their requests and exit. Code that\n"
-"fails to load is refused and the old code keeps serving.\n"
+"fails to load is refused and the old code keeps serving; so is a reload\n"
+"while a `paygate upgrade` is in progress (reload once it has ended).\n"
 "\n"
 "It waits for the outcome (default up to 90 s) and prints it: exit 0 when\n"
 "the new code serves, 1 when it was refused (with the reason) or no\n"
@@ -123,9 +124,14 @@ static const char usage_upgrade[] =
 "It waits for the outcome (default up to 90 s) and prints it: exit 0 when\n"
 "the new master serves, 1 when the upgrade failed (the new binary does\n"
 "not run, its configuration or the app does not load, it did not serve\n"
-"within 60 s, ...: the old master keeps serving) with the reason, or no\n"
-"outcome came in time. Shared dictionaries, metrics counters and TLS\n"
-"session tickets start afresh in the new master (README, Running).\n";
+"within the config's upgrade_timeout, 60 s by default, ...: the old\n"
+"master keeps serving) with the reason, or no outcome came in time.\n"
+"Refused while a reload is loading (and a reload is refused during an\n"
+"upgrade), and where the old master's exit would end the server anyway:\n"
+"it is PID 1 (a container's init) or a systemd service's main process;\n"
+"there, paygate reload loads new code and a restart a new binary.\n"
+"Shared dictionaries, metrics counters and TLS session tickets start\n"
+"afresh in the new master (README, Running).\n";
 
 /* Reads FILE.reload's outcome counter and line; 0 when there is none. */
 static int
