@@ -157,7 +157,8 @@ end
 -- refund row is made: WeChat's query names no refund (no out_refund_no,
 -- no amount), and the payment's refunds are what this gateway made. o:
 -- { source, actor, out_trade_no, trade_state, out_refund_no,
--- refund_amount, refund_status, date, wechat_code }.
+-- refund_amount, refund_status, date, wechat_code, and from a
+-- notification notification_id, refund_id (WeChat's), success_time }.
 -- returns: true (flagged now or before), or nil, err.
 local function refunded_elsewhere(tx, p, o)
   local now = model.time()
@@ -168,7 +169,8 @@ local function refunded_elsewhere(tx, p, o)
   local ev = { source = o.source, out_trade_no = o.out_trade_no,
     trade_state = o.trade_state, out_refund_no = o.out_refund_no,
     refund_amount = o.refund_amount, refund_status = o.refund_status,
-    date = o.date,
+    refund_id = o.refund_id, success_time = o.success_time,
+    notification_id = o.notification_id, date = o.date,
     wechat_code = o.wechat_code, amount = p.amount,
     refunded = p.refunded or 0 }
   local ok
@@ -187,6 +189,7 @@ local function refunded_elsewhere(tx, p, o)
     sub_mchid = model.opt(p.sub_mchid), out_trade_no = o.out_trade_no,
     source = o.source, amount = p.amount, refunded = p.refunded or 0,
     out_refund_no = o.out_refund_no, refund_amount = o.refund_amount,
+    refund_id = o.refund_id, notification_id = o.notification_id,
     date = o.date }
   tx:on_commit(function()
     paygate.log.warn("gateway: money refunded outside this gateway: the"
@@ -742,6 +745,16 @@ end
 -- flagged refunded_elsewhere, outcome "refunded_elsewhere", answered SUCCESS
 -- so WeChat stops sending it); CLOSED moved none ("ignored"). Another
 -- merchant's order, or an order unknown here: false (unknown_refund).
+-- Not a refund of this gateway's whose row is not committed yet: every
+-- refund's row commits before WeChat is asked for it (gw.refunds.send
+-- reads it from the store; the automatic ones are sent after the commit
+-- that made them), so on one store, whichever instance asked, WeChat
+-- cannot notify an out_refund_no of ours the store does not hold. Its
+-- business key (refund|<out_refund_no>|<status>) is claimed as a refund
+-- of this gateway's is: WeChat's retry under the same id is a duplicate
+-- already (gw_notifications), one under a new id is one here, the flag
+-- and its audit entry (naming the notification and WeChat's refund_id)
+-- made once.
 -- returns: outcome, false, or nil, err.
 local function refund_outside(tx, r, o)
   local no = r.out_trade_no
@@ -757,11 +770,21 @@ local function refund_outside(tx, r, o)
   if not owns(p, r, o) then return false end
   local status = r.refund_status or r.status
   if status == "CLOSED" then return "ignored" end
+  if o.notification_id then
+    local fresh
+    fresh, err = claim(tx, "refund|" .. r.out_refund_no .. "|"
+                       .. tostring(status), o.notification_id, model.time())
+    if fresh == nil then return nil, err end
+    if not fresh then return "duplicate" end
+  end
   local a = type(r.amount) == "table" and r.amount or {}
   local ok
   ok, err = refunded_elsewhere(tx, p, { source = o.source or "notification",
     actor = o.actor, out_trade_no = no, out_refund_no = r.out_refund_no,
-    refund_amount = a.refund, refund_status = status })
+    refund_amount = a.refund, refund_status = status,
+    refund_id = type(r.refund_id) == "string" and r.refund_id or nil,
+    success_time = wx_time(r.success_time),
+    notification_id = o.notification_id })
   if not ok then return nil, err end
   return "refunded_elsewhere"
 end

@@ -128,8 +128,13 @@ end
 -- A notification for an order (or refund) this gateway does not know is
 -- answered FAIL: it may be another instance's, whose transaction has not
 -- committed yet, and WeChat sends it again. But WeChat does so for a day:
--- an operator must see it. Counted once per notification id, on /metrics
--- as the counter paygate_gateway_unknown_notifications_total{kind} (summed
+-- an operator must see it. (A refund of an out_refund_no unknown here, of
+-- an order it knows, is not one of these: made outside the gateway, its
+-- payment is flagged refunded_elsewhere and it is acknowledged, gw.apply.
+-- An unknown out_refund_no is never one of the gateway's own refunds not
+-- committed yet, on any instance: each refund's row commits before WeChat
+-- is asked for it.) Counted once per notification id, on /metrics as the
+-- counter paygate_gateway_unknown_notifications_total{kind} (summed
 -- over the workers, kept when one is restarted), and logged once per id
 -- at warn.
 local UNKNOWN = { unknown_order = "payment", unknown_refund = "refund" }
@@ -146,8 +151,11 @@ local function unknown_target(mchid, event, err)
   local r = type(event.resource) == "table" and event.resource or {}
   paygate.log.warn("gateway: notification for a " .. kind .. " this"
     .. " gateway does not know: answered FAIL (WeChat retries it for a day;"
-    .. " another instance's, not committed yet? made after the backup this"
-    .. " store was restored from? a wrong notify_url?)", {
+    .. (kind == "refund" and " a refund, made in the merchant platform, of"
+        .. " an order this gateway did not make (another system's on the"
+        .. " merchant number)?" or " another instance's, not committed yet?")
+    .. " made after the backup this store was restored from? a wrong"
+    .. " notify_url?)", {
       id = event.id, event_type = event.event_type, mchid = mchid,
       out_trade_no = r.out_trade_no, out_refund_no = r.out_refund_no })
 end

@@ -2,8 +2,10 @@
 -- can be wrong is refused (and WeChat's retry then applies it once);
 -- duplicates and replays are acknowledged without a second effect; an
 -- amount that does not match is an alarm, not a state change; two
--- partial refunds are two; money on a closed or superseded attempt is
--- applied, then refunded or raised as an alarm (config.on_late_payment).
+-- partial refunds are two; a refund made elsewhere of a payment here
+-- flags it once, one of an order not known here is FAIL; money on a
+-- closed or superseded attempt is applied, then refunded or raised as an
+-- alarm (config.on_late_payment).
 local S = require "examples.gateway.spec.support"
 local json = require "cjson.safe"
 local core = require "paygate.core"
@@ -346,6 +348,114 @@ describe("gateway notifications", function()
         .. ' (%d+)')
       return n and tonumber(n) >= 1
     end, 15, "the illegal transition counted on /metrics")
+  end)
+
+  -- A refund made by hand in the merchant platform, whose refund
+  -- notification URL is the gateway's: WeChat notifies an out_refund_no
+  -- the gateway never made, of one of its orders. (Was: FAIL, and WeChat
+  -- sent it again for a day; the payment was not flagged. Then: a new
+  -- notification id of the same refund and status flagged nothing twice
+  -- but was recorded as refunded_elsewhere again, not as a duplicate, and
+  -- the flag's evidence named neither the notification nor WeChat's
+  -- refund id.)
+  it("a refund notification of a refund made elsewhere, of a payment here,"
+     .. " is acknowledged and flags the payment once; its repeats are"
+     .. " duplicates; one of an order not known here is still FAIL",
+     function()
+    local audit = require "paygate.audit"
+    local p = env:paid_payment{ amount = 60 }
+    local function refund(out_trade_no, no)
+      return { mchid = env.m.mchid, out_trade_no = out_trade_no,
+        transaction_id = p.transaction_id, out_refund_no = no,
+        refund_id = "50" .. S.digits(27), refund_status = "SUCCESS",
+        success_time = os.date("!%Y-%m-%dT%H:%M:%S+00:00"),
+        user_received_account = "支付用户零钱",
+        amount = { total = 60, refund = 25, payer_total = 60,
+                   payer_refund = 25 } }
+    end
+    local function outcome(id)
+      local rows = assert(env.db:query("SELECT outcome FROM gw_notifications"
+                                       .. " WHERE id = $1", { id }))
+      return rows[1] and rows[1].outcome
+    end
+    local function flags()
+      local out = {}
+      for _, e in ipairs(assert(audit.entries(env.db, "payment:" .. p.id))) do
+        if e.what == "payment.alarm" and e.cause == "refunded_elsewhere" then
+          out[#out + 1] = json.decode(e.evidence)
+        end
+      end
+      return out
+    end
+    local plain = refund(p.out_trade_no, "PLATFORM" .. S.digits(12))
+    local id = "elsewhere-" .. S.digits(10)
+    local body = env:notification("REFUND.SUCCESS", plain, { id = id })
+    local res = env:post_notify(body, env:notify_headers(body))
+    assert.is_true(S.ok2xx(res.status), res.status .. " " .. res.body)
+    assert.equal("refunded_elsewhere", outcome(id))
+    local got = env:get(p.id)
+    assert.is_true(got.refunded_elsewhere)
+    -- nothing invented: no refund row, no state, no total
+    assert.equal("paid", got.state)
+    assert.equal(0, got.refunded)
+    assert.same({}, got.refunds)
+    local f = flags()
+    assert.equal(1, #f)
+    assert.equal("notification", f[1].source)
+    assert.equal(id, f[1].notification_id)
+    assert.equal(plain.out_refund_no, f[1].out_refund_no)
+    assert.equal(plain.refund_id, f[1].refund_id)
+    assert.equal(25, f[1].refund_amount)
+    assert.equal("SUCCESS", f[1].refund_status)
+    assert.equal(plain.success_time, f[1].success_time)
+    assert.equal(1, env:count_events(p.id, "alarm.refunded_elsewhere"))
+    -- WeChat's retry (an answer of ours lost): the same id, signed afresh
+    res = env:post_notify(body, env:notify_headers(body))
+    assert.is_true(S.ok2xx(res.status), res.status .. " " .. res.body)
+    -- the same refund and status under a new notification id: claimed by
+    -- its business key, a duplicate
+    local id2 = "elsewhere-" .. S.digits(10)
+    local body2 = env:notification("REFUND.SUCCESS", plain, { id = id2 })
+    res = env:post_notify(body2, env:notify_headers(body2))
+    assert.is_true(S.ok2xx(res.status), res.status .. " " .. res.body)
+    assert.equal("duplicate", outcome(id2))
+    assert.equal(1, #flags())
+    assert.equal(1, env:count_events(p.id, "alarm.refunded_elsewhere"))
+    assert.equal(env:get(p.id).version, got.version)
+    -- of an order the gateway does not know either: FAIL (WeChat retries),
+    -- counted as before, nothing recorded
+    local function unknown_refunds()
+      local m = env.gw:admin_get("/metrics")
+      return tonumber(m and m.body:match('\npaygate_gateway_unknown_'
+        .. 'notifications_total{kind="refund"} (%d+)')) or 0
+    end
+    local before = unknown_refunds()
+    local id3 = "elsewhere-" .. S.digits(10)
+    local body3 = env:notification("REFUND.SUCCESS",
+      refund("GWunknown" .. S.digits(10), "PLATFORM" .. S.digits(12)),
+      { id = id3 })
+    res = env:post_notify(body3, env:notify_headers(body3))
+    assert.is_false(S.ok2xx(res.status), res.status .. " " .. res.body)
+    assert.equal("FAIL", res.json.code)
+    assert.is_nil(outcome(id3))
+    S.wait_until(function() return unknown_refunds() == before + 1 end,
+                 10, "the unknown refund counted on /metrics")
+    -- its warning names a refund's likely causes (was: "another
+    -- instance's, not committed yet?", which a refund never is: its row
+    -- commits before WeChat is asked for it)
+    local said
+    S.wait_until(function()
+      for line in env.gw:logs():gmatch("[^\n]+") do
+        local rec = json.decode(line)
+        if type(rec) == "table" and rec.level == "warn" and rec.id == id3 then
+          said = rec
+        end
+      end
+      return said ~= nil
+    end, 10, "the unknown refund's warning")
+    assert.matches("does not know", said.msg, 1, true)
+    assert.matches("merchant platform", said.msg, 1, true)
+    assert.is_nil(said.msg:find("not committed yet", 1, true))
   end)
 
   it("a payment notification that lands while its create's prepay waits:"

@@ -160,6 +160,13 @@ describe("gateway: a refund made outside it", function()
     assert.equal(r.out_refund_no, f[1].out_refund_no)
     assert.equal(20, f[1].refund_amount)
     assert.equal("SUCCESS", f[1].refund_status)
+    -- the notification that said so, and WeChat's id of the refund (the
+    -- merchant platform finds it by that; was: neither in the evidence)
+    local n = sim:notifications{ out_refund_no = r.out_refund_no }[1]
+    assert.equal(n.id, f[1].notification_id)
+    assert.is_string(r.refund_id)
+    assert.equal(r.refund_id, f[1].refund_id)
+    assert.is_string(f[1].success_time)
     assert.equal(1, events(p.id, "alarm.refunded_elsewhere"))
     testing.wait_until(function() return alarms() == before + 1 end, 10,
                        "the alarm counted")
