@@ -284,7 +284,7 @@ function _M.authenticate(req, target, signed_body)
   -- fraction a request of exactly 300 s was refused but in the first
   -- instant of a second
   local ts = a.timestamp:match("^[1-9]%d*$") and tonumber(a.timestamp)
-  local now = core.time()
+  local now = core.time() + S.cfg.clock_offset      -- WeChat's clock
   if not ts or #a.timestamp > 12
      or math.abs(math.floor(now) - ts) > S.cfg.timestamp_window then
     return nil, sign_error("Http头Authorization中的timestamp与发起请求的时间"

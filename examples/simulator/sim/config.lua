@@ -270,9 +270,10 @@ end
 --               sub (sub_mchid -> { mchid, appids (set) }), verifier_mode }
 --   cfg.state_dir, time_scale, answer_timeout, verifier_mode, sign_type,
 --   sm (boolean), control, rotation_delay, refund_settle_after,
---   timestamp_window, time_expire_min, notify_ca_file, platform_private_key,
---   platform_certificate, public_key_id, public_key_private_key (PEM
---   texts or nil), and every key added with config.define.
+--   timestamp_window, clock_offset, time_expire_min, notify_ca_file,
+--   platform_private_key, platform_certificate, public_key_id,
+--   public_key_private_key (PEM texts or nil), and every key added with
+--   config.define.
 function _M.check(raw)
   if type(raw) ~= "table" then
     return nil, "config: must be a table (the config file returns one)"
@@ -396,6 +397,21 @@ function _M.check_rotation_delay(v)
 end
 _M.define("rotation_delay", _M.check_rotation_delay, 60)
 _M.define("timestamp_window", number_check(0, true), 300)
+-- A test aid: this simulator's clock is clock_offset seconds ahead of the
+-- host's (negative: behind) for what WeChat's clock decides here: the
+-- Wechatpay-Timestamp it signs (answers and notifications) and the
+-- window a request's timestamp is judged in. A client then sees WeChat's
+-- clock off its own, as when either side's NTP fails. At most a day
+-- either way (the Date header, the runtime's, is not moved).
+_M.CLOCK_OFFSET_MAX = 86400
+_M.define("clock_offset", function(v)
+  if type(v) ~= "number" or v ~= v or v < -_M.CLOCK_OFFSET_MAX
+     or v > _M.CLOCK_OFFSET_MAX then
+    return nil, "must be a number of seconds from -" .. _M.CLOCK_OFFSET_MAX
+                .. " to " .. _M.CLOCK_OFFSET_MAX
+  end
+  return v
+end, 0)
 -- A prepay's time_expire must lie at least this many seconds ahead (0: only
 -- in the future). WeChat has been reported to refuse one less than a minute
 -- ahead (a community report, unconfirmed).

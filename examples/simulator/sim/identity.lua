@@ -479,7 +479,7 @@ function _M.sign_headers(body, opts)
     local c = S.by_serial[fault.serial]
     if c then id, key = c.serial, c.key end
   end
-  local ts = math.floor(now)
+  local ts = math.floor(now + S.cfg.clock_offset)   -- WeChat's clock
   if fault and fault.kind == "stale_timestamp" then
     ts = ts - math.floor(fault.skew or 600)
   end
