@@ -19,6 +19,7 @@ local keys = require "paygate.cli.keys"
 local http = require("paygate").http
 local wconfig = require "paygate.wechatpay.config"
 local verify = require "paygate.wechatpay.verify"
+local wclock = require "paygate.wechatpay.clock"
 local wsign = require "paygate.wechatpay.sign"
 local json = require "cjson.safe"
 -- a URL as a message may show it (metrics_url may hold user:password@)
@@ -39,15 +40,17 @@ not yet valid, unknown CA, missing intermediate, hostname mismatch,
 revoked, weak or bad signature, wrong usage, self-signed...),
 reachability, one signed call (GET /v3/certificates through
 paygate.wechatpay: WeChat's verdict on the signature, the APIv3 key
-decrypting what it sends, the answer verified), the notify URL reachable, refusing an unsigned probe and
-answering within WeChat's 5 s, the server's timeouts (request, header,
-body) against that window, the database and Redis, lease TTLs against
-the measured processing time, certificates expiring within 30 days, the
-client's state_dir (writable: a probe file written and removed; the
-certificates it keeps for the merchant, and how old the file is), the
-HTTPS listener's certificate and key (the config's tls section and, in
-the gateway's, the set credentials.tls names in etcd: the pair as the
-listener checks it, its days left; the key never printed).
+decrypting what it sends, the answer verified), the clock against WeChat's
+signed timestamp on that answer (warn from 60 s off), the notify URL
+reachable, refusing an unsigned probe and answering within WeChat's 5 s,
+the server's timeouts (request, header, body) against that window, the
+database and Redis, lease TTLs against the measured processing time,
+certificates expiring within 30 days, the client's state_dir (writable:
+a probe file written and removed; the certificates it keeps for the
+merchant, and how old the file is), the HTTPS listener's certificate and
+key (the config's tls section and, in the gateway's, the set
+credentials.tls names in etcd: the pair as the listener checks it, its
+days left; the key never printed).
 
 FILE is a Lua file returning { wechatpay = {...}, notify_url = ...,
 database = ..., redis = ..., limits = {...}, tls = {...}, metrics_url = ...,
@@ -1007,7 +1010,7 @@ local function check_api(out, wc, conf, now, expiring)
              duration(skew), which), "WeChat refuses requests and this side "
              .. "refuses answers 300 s or more off", "sync the clock (NTP)")
     return true, true
-  elseif abs >= 60 then
+  elseif abs >= wclock.WARN then
     out:warn("clock", ("this clock is %s %s the API host's"):format(
              duration(skew), which), "within the 300 s window, but drifting",
              "run NTP")
@@ -1105,7 +1108,7 @@ end
 -- RESOURCE_NOT_EXISTS, an unsigned error: the signature is checked, the
 -- public key and the APIv3 key are not (the first signed answer and the
 -- first notification check them).
-local function check_signed(out, wc, cfg, clock_bad, dconf, expiring)
+local function signed_call(out, wc, cfg, clock_bad, dconf, expiring, seen)
   local conf = {}
   for k, v in pairs(wc) do conf[k] = v end
   conf.backup_url, conf.timeout, conf.deadline = false, 10, 20
@@ -1151,6 +1154,9 @@ local function check_signed(out, wc, cfg, clock_bad, dconf, expiring)
         end
       end
     end
+    -- the skew the client read from the answers that verified, as the
+    -- gateway's clients record it (paygate.wechatpay.clock)
+    seen.skew, seen.err = wx:clock_skew(), err
     wx:stop()
   end
   pg.log = log
@@ -1203,6 +1209,49 @@ local function check_signed(out, wc, cfg, clock_bad, dconf, expiring)
   end
   out:fail("signed_call", cause .. ": " .. tostring(err.message),
            err.request_id and "Request-ID " .. err.request_id or nil, fix)
+end
+
+-- The clock against WeChat's, from the Wechatpay-Timestamp of the signed
+-- call's verified answer (WeChat's clock, signed, where the clock check's
+-- Date header is the API host's, unsigned), judged as the gateway's
+-- clients judge it: a warning from clock.WARN s, failure at the window
+-- (an answer refused as stale: it will fail). Nothing when no answer was
+-- signed (public-key mode's 404, a failed call).
+local function check_clock_skew(out, skew, err)
+  if not skew then
+    if err and err.kind == "stale_timestamp" and type(err.skew) == "number"
+    then
+      out:fail("clock_skew", ("WeChat's signed answer puts this clock %s "
+        .. "%s WeChat's"):format(duration(err.skew), err.skew > 0
+        and "ahead of" or "behind"), "its Wechatpay-Timestamp is "
+        .. verify.WINDOW .. " s or more off: WeChat refuses this side's "
+        .. "requests (401 SIGN_ERROR) and this side refuses its answers "
+        .. "and notifications (stale_timestamp)", "sync the clock (NTP)")
+    end
+    return
+  end
+  local abs = math.abs(skew)
+  local text = ("WeChat's signed answer puts this clock %s %s WeChat's "
+    .. "(its Wechatpay-Timestamp)"):format(duration(skew), skew > 0
+    and "ahead of" or "behind")
+  -- (a verified answer is less than the window off)
+  if abs >= wclock.WARN then
+    out:warn("clock_skew", text, "within the " .. verify.WINDOW .. " s "
+      .. "window, but drifting: at " .. verify.WINDOW .. " s WeChat "
+      .. "refuses this side's requests (401 SIGN_ERROR) and this side "
+      .. "refuses its answers and notifications (stale_timestamp)",
+      "sync the clock (NTP)")
+  else
+    out:ok("clock_skew", ("within %d s of WeChat's clock (the signed "
+           .. "answer's Wechatpay-Timestamp)"):format(math.max(1,
+           math.ceil(abs))))
+  end
+end
+
+local function check_signed(out, wc, cfg, clock_bad, dconf, expiring)
+  local seen = {}
+  signed_call(out, wc, cfg, clock_bad, dconf, expiring, seen)
+  check_clock_skew(out, seen.skew, seen.err)
 end
 
 -- The request-duration histogram of one route from a /metrics text:

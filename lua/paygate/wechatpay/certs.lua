@@ -26,6 +26,7 @@ local json = require "paygate.json"  -- hardened decoder, same null
 local errors = require "paygate.wechatpay.errors"
 local verify = require "paygate.wechatpay.verify"
 local resource = require "paygate.wechatpay.resource"
+local clock = require "paygate.wechatpay.clock"
 
 local type, tostring, ipairs, pairs, pcall, next =
       type, tostring, ipairs, pairs, pcall, next
@@ -385,8 +386,10 @@ local function download(wx)
     end
     return nil, core.error(err.kind, "/v3/certificates response: "
                            .. err.message .. more,
-                           { serial = err.serial, wechat_public_key_id = id })
+                           { serial = err.serial, wechat_public_key_id = id,
+                             skew = err.skew })
   end
+  clock.observe(wx, h.ts, now)      -- a verified answer: WeChat's clock
   local added, new = adopt(wx, list, now)
   -- WeChat's rotation seen as it happens: one line per certificate new to
   -- the ring, said by the download that brought it. Once per instance

@@ -17,6 +17,7 @@ local notify = require "paygate.wechatpay.notify"
 local errors = require "paygate.wechatpay.errors"
 local api = require "paygate.wechatpay.api"
 local upstream = require "paygate.wechatpay.upstream"
+local clock = require "paygate.wechatpay.clock"
 
 local type, tostring, setmetatable, pairs, ipairs =
       type, tostring, setmetatable, pairs, ipairs
@@ -271,6 +272,15 @@ end
 -- returns: { mode, serials, newest, days_left, public_key_id }
 function methods.certificate_status(wx)
   return certs.status(wx)
+end
+
+--- syntax: skew, at = wx:clock_skew()
+-- This host's clock minus WeChat Pay's, in seconds (positive: this host
+-- ahead), read from the Wechatpay-Timestamp of the latest verified
+-- answer to this client's calls, and when it was taken (this host's
+-- clock); nil before the first. See clock.lua. No I/O.
+function methods.clock_skew(wx)
+  return clock.skew(wx)
 end
 
 --- syntax: ok, err = wx:refresh_certificates()

@@ -69,6 +69,7 @@ local json = require "paygate.json"  -- hardened decoder, same null
 local errors = require "paygate.wechatpay.errors"
 local sign = require "paygate.wechatpay.sign"
 local upstream = require "paygate.wechatpay.upstream"
+local clock = require "paygate.wechatpay.clock"
 
 local type, tostring, pairs, error = type, tostring, pairs, error
 local min, max, random = math.min, math.max, math.random
@@ -461,8 +462,11 @@ call = function(wx, method, path, body, opts, ep, what, stat)
     elseif res.status >= 200 and res.status < 300 then
       res.request_id = res.headers and res.headers["request-id"]
       if not (opts.unsigned or opts._no_verify) then
+        local at = core.time()
         local ok, verr = wx:verify_response(res.headers or {}, res.body or "")
-        if not ok then
+        if ok then
+          clock.observe(wx, ok.ts, at)   -- WeChat's clock, signed
+        else
           if SAFE_METHODS[method] then
             verr.message = what .. ": response " .. verr.message
             verr.status, verr.request_id = res.status, res.request_id
