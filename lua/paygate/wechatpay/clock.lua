@@ -12,6 +12,8 @@
 -- warning is logged, once an hour per merchant (per instance with the
 -- client's shared dict). Notifications are not read: their timestamp is
 -- WeChat's send time, and a retry may carry an old one.
+local verify = require "paygate.wechatpay.verify"
+
 local type, pcall = type, pcall
 
 local _M = {}
@@ -39,8 +41,8 @@ local function warn(wx, skew, now)
   if wx.clock_warn_next and now < wx.clock_warn_next then return end
   local c = wx.conf
   -- once per instance: the first worker to mark it says it; the others
-  -- look again in a minute (not every answer: no shared-dict write each)
-  -- (a dict that cannot take the mark, full: said per worker)
+  -- look again in a minute (not on every answer: no shared-dict write
+  -- each). A dict that cannot take the mark (full): said per worker.
   if wx.dict then
     local ok, err = wx.dict:add(wx.key_prefix .. "clock_warned", true,
                                 _M.WARN_EVERY)
@@ -53,10 +55,10 @@ local function warn(wx, skew, now)
   local s = math.floor((skew < 0 and -skew or skew) + 0.5)
   require("paygate").log.warn(("wechatpay: this host's clock is %d s %s "
     .. "WeChat Pay's (the Wechatpay-Timestamp of its signed answers): sync "
-    .. "it (NTP); at 300 s off WeChat refuses every request (401 "
+    .. "it (NTP); at %d s off WeChat refuses every request (401 "
     .. "SIGN_ERROR) and this side refuses WeChat's answers and "
     .. "notifications as stale (stale_timestamp)"):format(s,
-    skew > 0 and "ahead of" or "behind"),
+    skew > 0 and "ahead of" or "behind", verify.WINDOW),
     { mchid = c.mchid, clock_skew = math.floor(skew * 10 + 0.5) / 10,
       threshold = _M.WARN })
 end
