@@ -460,6 +460,36 @@ describe("paygate CLI", function()
     assert.matches("bad port", out)
   end)
 
+  it("exits 2 for a config listen or admin no start could bind, a flag"
+     .. " for it notwithstanding", function()
+    -- the flag overrode the file's value unread: the server started, and
+    -- the next start without the flag (or a reload, as "done") took a
+    -- file that start refuses
+    local dir = server.tmpdir()
+    local port = require("paygate.core").free_port()
+    for text, want in pairs{
+      ['listen = "127.0.0.1:99999"'] = "paygate: config.listen: bad port"
+        .. " in '127.0.0.1:99999' (want HOST:PORT)\n",
+      ['admin = "nope"'] = "paygate: config.admin: bad port in 'nope'"
+        .. " (want HOST:PORT)\n",
+      ['admin = ""'] = 'paygate: config.admin is empty: give HOST:PORT, or'
+        .. ' "off" for no admin listener\n',
+      ['listen = "localhost:8080"'] = "paygate: config.listen: bad address"
+        .. " 'localhost:8080': ",
+    } do
+      local f = assert(io.open(dir .. "/c.lua", "w"))
+      f:write("return { " .. text .. " }")
+      f:close()
+      local code, out = run({ "run", "examples/hello", "--config",
+                              dir .. "/c.lua", "--listen",
+                              "127.0.0.1:" .. port, "--admin", "off" }, 5)
+      assert.equal(2, code, text .. ": " .. out)
+      assert.equal(1, select(2, out:gsub("\n", "")), out)
+      assert.equal(want, out:sub(1, #want), out)
+    end
+    os.execute("rm -rf " .. dir)
+  end)
+
   it("exits 2, not a Lua panic, for a config whose table has a hostile metatable", function()
     local dir = server.tmpdir()
     local f = assert(io.open(dir .. "/c.lua", "w"))

@@ -471,6 +471,23 @@ return { workers = 500 }
     assert.equal(1, code, out)
     assert.matches("refused: config.workers must be 1..128", out, 1, true)
     assert.equal("v1", assert(s:request("/version")).body)
+    -- an address the next start cannot bind for its form (it said "done
+    -- (not applied until a restart: listen, admin)")
+    write(s.config_file, [[
+return { listen = "127.0.0.1:99999" }
+]])
+    code, out = try_reload(s)
+    assert.equal(1, code, out)
+    assert.matches("refused: config.listen: bad port in '127.0.0.1:99999'",
+                   out, 1, true)
+    write(s.config_file, [[
+return { admin = "localhost:9090" }
+]])
+    code, out = try_reload(s)
+    assert.equal(1, code, out)
+    assert.matches("refused: config.admin: bad address 'localhost:9090'",
+                   out, 1, true)
+    assert.equal("v1", assert(s:request("/version")).body)
   end)
 end)
 

@@ -371,6 +371,43 @@ read_shared(lua_State *L, int t, struct gw_opts *o, char *err, size_t errlen)
     return GW_OK;
 }
 
+static int parse_addr(const char *spec, struct addrinfo **res, char *err,
+                      size_t errlen);
+
+/* The form of an address key the file gives (listen, admin): what binding
+ * it at a start would refuse first (a port past 65535, a host name), said
+ * now, so that neither a flag overriding it nor a reload takes a file the
+ * next start without that flag refuses. Whether it binds is the start's. */
+static int
+check_addr_key(lua_State *L, const char *name, const char *value,
+               int off_ok, char *err, size_t errlen)
+{
+    struct addrinfo *res = NULL;
+    char why[400];
+
+    lua_pushstring(L, name);
+    lua_rawget(L, 1);    /* raw: a metatable must not run here, unprotected */
+    if (lua_isnil(L, -1)) {
+        lua_pop(L, 1);
+        return GW_OK;
+    }
+    lua_pop(L, 1);
+    if (value[0] == '\0') {
+        snprintf(err, errlen, "config.%s is empty: give HOST:PORT%s", name,
+                 off_ok ? ", or \"off\" for no admin listener" : "");
+        return GW_ERR;
+    }
+    if (off_ok && strcmp(value, "off") == 0) {
+        return GW_OK;
+    }
+    if (parse_addr(value, &res, why, sizeof(why)) != GW_OK) {
+        snprintf(err, errlen, "config.%s: %s", name, why);
+        return GW_ERR;
+    }
+    freeaddrinfo(res);
+    return GW_OK;
+}
+
 #define CONFIG_SECONDS 5         /* a config that runs longer loops */
 
 static double config_deadline;
@@ -463,6 +500,10 @@ gw_opts_load_file(struct gw_opts *o, const char *path, char *err,
         goto done;
     }
     lua_pop(L, 1);
+    if (check_addr_key(L, "listen", o->listen, 0, err, errlen) != GW_OK
+        || check_addr_key(L, "admin", o->admin, 1, err, errlen) != GW_OK) {
+        goto done;
+    }
     if (gw_dns_check_resolver(o->resolver, err, errlen) != GW_OK) {
         goto done;                       /* "resolver must be ..." */
     }
