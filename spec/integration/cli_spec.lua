@@ -162,12 +162,25 @@ describe("paygate CLI", function()
                    out, 1, true)
     code, out = run({ "run", "examples/hello", "--workers", "zero" })
     assert.equal(2, code)
-    assert.matches("--workers", out)
+    assert.equal("paygate run: --workers must be a whole number, 1..128"
+                 .. " (see paygate run --help)\n", out)
     code, out = run({ "run", "examples/hello", "--listen", "nonsense" })
     assert.equal(2, code)
     assert.matches("bad", out)
-    code, out = run({ "reload" })
+    -- a missing --pid-file, a missing script: one line saying what is
+    -- missing (was: the whole usage, nothing saying what was wrong)
+    for _, cmd in ipairs({ "reload", "upgrade" }) do
+      code, out = run({ cmd })
+      assert.equal(2, code)
+      assert.equal("paygate " .. cmd .. ": --pid-file FILE is required: the"
+                   .. " pid file the server was started with (paygate run"
+                   .. " --pid-file FILE, or the config's pid_file) (see"
+                   .. " paygate " .. cmd .. " --help)\n", out)
+    end
+    code, out = run({ "exec" })
     assert.equal(2, code)
+    assert.equal("paygate exec: give the script to run, SCRIPT.lua"
+                 .. " [ARGS...] (see paygate exec --help)\n", out)
     -- an empty admin is refused, not taken as "off" (was: silently off)
     code, out = run({ "run", "examples/hello", "--admin", "" })
     assert.equal(2, code)
@@ -522,8 +535,22 @@ describe("paygate CLI", function()
     assert.equal(2, code)
     assert.matches("tls certificate /nonexistent.pem: No such file or "
                    .. "directory", out, 1, true)
-    -- the two files swapped: said in words, not as an OpenSSL code
+    -- one of the pair, from the config file or a flag: named both ways
+    -- (was: "--tls-cert and --tls-key go together" for a config's tls.cert)
     local dir = server.tmpdir()
+    local f = assert(io.open(dir .. "/c.lua", "w"))
+    f:write('return { tls = { cert = "' .. dir .. '/c.pem" } }')
+    f:close()
+    code, out = run({ "run", "examples/hello", "--config", dir .. "/c.lua" })
+    assert.equal(2, code)
+    assert.equal("paygate: tls.cert and tls.key (--tls-cert, --tls-key) go"
+                 .. " together: give both for HTTPS, or neither\n", out)
+    code, out = run({ "run", "examples/hello", "--tls-client-ca", "x.pem" })
+    assert.equal(2, code)
+    assert.equal("paygate: tls.client_ca (--tls-client-ca) and"
+                 .. " tls.ecdsa_cert need tls.cert and tls.key (--tls-cert,"
+                 .. " --tls-key)\n", out)
+    -- the two files swapped: said in words, not as an OpenSSL code
     assert(os.execute("openssl req -x509 -newkey rsa:2048 -nodes -keyout "
       .. dir .. "/k.pem -out " .. dir .. "/c.pem -subj /CN=t -days 1 "
       .. "2>/dev/null"))

@@ -390,7 +390,8 @@ cmd_run(int argc, char **argv)
             long n = strtol(optarg, &end, 10);
 
             if (*end != '\0' || n < 1 || n > GW_MAX_WORKERS) {
-                fprintf(stderr, "paygate: --workers must be 1..%d\n",
+                fprintf(stderr, "paygate run: --workers must be a whole "
+                        "number, 1..%d (see paygate run --help)\n",
                         GW_MAX_WORKERS);
                 return 2;
             }
@@ -502,7 +503,8 @@ static int
 cmd_exec(int argc, char **argv)
 {
     if (argc < 2) {
-        fputs(usage_exec, stderr);
+        fputs("paygate exec: give the script to run, SCRIPT.lua [ARGS...] "
+              "(see paygate exec --help)\n", stderr);
         return 2;
     }
     if (is_help(argv[1])) {
@@ -670,7 +672,11 @@ signal_opts(const char *name, const char *usage, int argc, char **argv,
         }
     }
     if (o->pid_file == NULL) {
-        fputs(usage, stderr);
+        /* one line saying what is missing, as the other usage errors */
+        fprintf(stderr, "paygate %s: --pid-file FILE is required: the pid "
+                "file the server was started with (paygate run --pid-file "
+                "FILE, or the config's pid_file) (see paygate %s --help)\n",
+                name, name);
         return 2;
     }
     return -1;

@@ -1727,8 +1727,9 @@ gw_master_main(struct gw_opts *o, const struct gw_opts *file,
     }
     if (o->tls_cert[0] != '\0' || o->tls_key[0] != '\0') {
         if (o->tls_cert[0] == '\0' || o->tls_key[0] == '\0') {
-            fprintf(stderr, "paygate: --tls-cert and --tls-key go "
-                            "together\n");
+            fprintf(stderr, "paygate: tls.cert and tls.key (--tls-cert, "
+                            "--tls-key) go together: give both for HTTPS, "
+                            "or neither\n");
             return 2;
         }
         /* ticket keys first: every context (this one, a reload's) and
@@ -1749,8 +1750,9 @@ gw_master_main(struct gw_opts *o, const struct gw_opts *file,
             gw_log(GW_LOG_WARN, "%s", err);
         }
     } else if (o->tls_client_ca[0] != '\0' || o->tls_ecdsa_cert[0] != '\0') {
-        fprintf(stderr, "paygate: --tls-client-ca and tls.ecdsa_cert need "
-                        "--tls-cert and --tls-key\n");
+        fprintf(stderr, "paygate: tls.client_ca (--tls-client-ca) and "
+                        "tls.ecdsa_cert need tls.cert and tls.key "
+                        "(--tls-cert, --tls-key)\n");
         return 2;
     }
     if (up.fd >= 0) {
