@@ -227,6 +227,34 @@ describe("paygate CLI", function()
     assert.equal(2, code)
   end)
 
+  it("a command given nothing it needs says what, in one line pointing at"
+     .. " --help, exit 2", function()
+    -- (was: "--body is required", "--prefix must be an etcd prefix" for
+    -- no --prefix at all, and no word of where to read more)
+    for args, want in pairs({
+      [{ "sign" }] = "paygate sign: --method is required",
+      [{ "verify" }] = "paygate verify: --body is required",
+      [{ "verify", "--body" }] = "paygate verify: --body needs a value",
+      [{ "decrypt" }] = "paygate decrypt: --apiv3-key-file is required",
+      [{ "certs" }] = "paygate certs: give files or directories",
+      [{ "doctor" }] = "paygate doctor: --config FILE is required",
+      [{ "apikey", "create" }] = "paygate apikey: create needs --app APP"
+        .. " (the app the key is for;",
+      [{ "apikey", "list" }] = "paygate apikey: --db URL is required",
+      [{ "etcd", "publish" }] = "paygate etcd: --prefix PREFIX is required",
+      [{ "etcd", "show", "--prefix", "/p/" }] = "paygate etcd: give"
+        .. " --kek-file FILE or --kek-env VAR (the key-encryption key;",
+      [{ "etcd", "delete", "--prefix", "/p/", "/p/x" }] =
+        "paygate etcd: --endpoints is required",
+    }) do
+      local code, out = run(args)
+      assert.equal(2, code, out)
+      assert.equal(want, out:sub(1, #want), out)
+      assert.equal("see --help)\n", out:sub(-12), out)
+      assert.equal(1, select(2, out:gsub("\n", "")), out)
+    end
+  end)
+
   it("version names the commit the binary was built from", function()
     local code, out = run({ "version" })
     assert.equal(0, code, out)

@@ -41,7 +41,9 @@ local SPEC = { ["--db"] = "value", ["--app"] = "value", ["--key"] = "value",
                ["--json"] = "flag" }
 
 local function open(o)
-  if not o["--db"] then common.usage_error("--db URL is required") end
+  if not o["--db"] then
+    common.usage_error("--db URL is required (see --help)")
+  end
   -- the keys belong in the gateway's store: never in a new empty file
   common.sqlite_must_exist(o["--db"])
   local ok, db, err = common.open_store(o["--db"])
@@ -83,7 +85,8 @@ local function main(args)
   common.only(o, cmd, cmd == "revoke" and { ["--db"] = true, ["--key"] = true }
               or { ["--db"] = true, ["--app"] = true, ["--json"] = true })
   if cmd == "create" and o["--app"] == nil then
-    common.usage_error("create needs --app APP (the app the key is for)")
+    common.usage_error("create needs --app APP (the app the key is for; see "
+                       .. "--help)")
   end
   if cmd == "create" and not valid_id(o["--app"]) then
     common.usage_error("--app must be 1..64 of [A-Za-z0-9_.-]")

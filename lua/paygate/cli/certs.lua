@@ -200,7 +200,9 @@ end
 local function download(o, out)
   for _, k in ipairs({ "--mchid", "--key", "--serial", "--apiv3-key-file",
                        "--out" }) do
-    if not o[k] then common.usage_error("--download needs %s", k) end
+    if not o[k] then
+      common.usage_error("--download needs %s (see --help)", k)
+    end
   end
   local apiv3 = common.read_apiv3_key_file(o["--apiv3-key-file"],
                                           "--apiv3-key-file")
@@ -288,7 +290,9 @@ local function main(args)
   local o, paths = common.parse(args, SPEC)
   local out = common.output(o["--json"])
   if o["--download"] then return download(o, out) end
-  if #paths == 0 then common.usage_error("give files or directories") end
+  if #paths == 0 then
+    common.usage_error("give files or directories (see --help)")
+  end
   local now = core.time()
   local n = 0
   for _, p in ipairs(paths) do

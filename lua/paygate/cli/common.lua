@@ -137,7 +137,7 @@ function _M.parse(args, spec)
       if not v then
         i = i + 1
         v = args[i]
-        if v == nil then usage_error("%s needs a value", name) end
+        if v == nil then usage_error("%s needs a value (see --help)", name) end
       end
       if kind == "list" then
         opts[name] = opts[name] or {}

@@ -2083,7 +2083,9 @@ end
 
 local function main(args)
   local o = common.parse_options(args, SPEC)
-  if not o["--config"] then common.usage_error("--config FILE is required") end
+  if not o["--config"] then
+    common.usage_error("--config FILE is required (see --help)")
+  end
   local conf = load_config(o["--config"])
   local out = common.output(o["--json"])
   local gateway_shape = conf.wechatpay == nil and conf.merchants ~= nil

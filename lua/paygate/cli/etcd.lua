@@ -74,7 +74,9 @@ local function fail(msg)
 end
 
 local function client(o)
-  if not o["--endpoints"] then common.usage_error("--endpoints is required") end
+  if not o["--endpoints"] then
+    common.usage_error("--endpoints is required (see --help)")
+  end
   local eps = {}
   for u in o["--endpoints"]:gmatch("[^,%s]+") do eps[#eps + 1] = u end
   local pw
@@ -100,14 +102,26 @@ local function client(o)
 end
 
 local function kek(o)
+  if not o["--kek-file"] and not o["--kek-env"] then
+    common.usage_error("give --kek-file FILE or --kek-env VAR (the "
+                       .. "key-encryption key; see --help)")
+  end
   local k, err = credentials.read_kek{ kek_file = o["--kek-file"],
                                        kek_env = o["--kek-env"] }
-  if not k then common.usage_error("%s", tostring(err.message)) end
+  if not k then
+    -- the library names its config keys: here they are these options
+    local msg = tostring(err.message):gsub("^credentials: ", "")
+      :gsub("^kek_file", "--kek-file"):gsub("^kek_env", "--kek-env")
+    common.usage_error("%s", msg)
+  end
   return k
 end
 
 local function prefix(o)
   local p = o["--prefix"]
+  if p == nil then
+    common.usage_error("--prefix PREFIX is required (see --help)")
+  end
   if type(p) ~= "string" or p:sub(1, 1) ~= "/" then
     common.usage_error("--prefix must be an etcd prefix: /.../")
   end
@@ -118,7 +132,9 @@ end
 local function publish(o)
   local p, k = prefix(o), kek(o)
   local dir = o["--dir"]
-  if not dir then common.usage_error("--dir DIR is required") end
+  if not dir then
+    common.usage_error("--dir DIR is required (see --help)")
+  end
   local kind = o["--tls"] and "tls" or "merchant"
   local spec = kind == "tls" and credentials.TLS_FILES
                or credentials.MERCHANT_FILES
