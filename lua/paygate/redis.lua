@@ -802,7 +802,9 @@ end
 -- yields: for the name lookups and that round trip
 function _M.connect(url, opts)
   if type(url) ~= "string" then
-    error("redis.connect: url must be a string", 2)
+    -- its type, never its value; nil is most often a config key unset
+    error("redis.connect: url must be a string (redis://...), got "
+          .. type(url), 2)
   end
   if opts ~= nil and type(opts) ~= "table" then
     error("redis.connect: opts must be a table", 2)

@@ -384,7 +384,9 @@ end
 -- yields: until the first connection is usable
 function _M.open(url, opts)
   if type(url) ~= "string" then
-    error("sql.open: url must be a string", 2)
+    -- its type, never its value; nil is most often a config key unset
+    error("sql.open: url must be a string (sqlite:PATH or postgres://...),"
+          .. " got " .. type(url), 2)
   end
   if opts ~= nil and type(opts) ~= "table" then
     error("sql.open: opts must be a table", 2)

@@ -61,6 +61,9 @@ describe("paygate.sql misuse", function()
   it("sql.open checks its arguments", function()
     check_cases({
       { "url", function() sql.open(1) end, "sql.open: url must be a string" },
+      -- the type it got: a config's db key unset (was: no word of nil)
+      { "url nil", function() sql.open(nil) end, "sql.open: url must be a"
+        .. " string (sqlite:PATH or postgres://...), got nil" },
       { "opts", function() sql.open(url, "text") end,
         "sql.open: opts must be a table" },
       { "scheme", function() sql.open("mysql://x/y") end,
@@ -311,7 +314,7 @@ if servers.have_redis() then
     it("redis.connect checks its arguments", function()
       check_cases({
         { "url", function() redis.connect(6379) end,
-          "redis.connect: url must be a string" },
+          "redis.connect: url must be a string (redis://...), got number" },
         { "scheme", function() redis.connect("http://127.0.0.1") end,
           "redis.connect: url must start with redis://" },
         { "tls", function() redis.connect("rediss://127.0.0.1") end,
