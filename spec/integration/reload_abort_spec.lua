@@ -408,3 +408,43 @@ end
     assert.matches("v7 needs PAYGATE_V7_SETTING", proc.read(log), 1, true)
   end)
 end)
+
+-- The master kills a refused generation's workers still loading (SIGKILL,
+-- reload_abort). Their ends were logged "killed by signal 9 (Killed)",
+-- which reads like a crash though the master did it on purpose: they are
+-- logged as discarded, and a loaded one's graceful exit says so too. Here
+-- the first worker to load V8 stays loading; the second fails once the
+-- first has begun.
+local V8 = [[
+local paygate = require "paygate"
+local core = require "paygate.core"
+local d = require("paygate.shared").get_dict("paygate")
+paygate.route("GET", "/version", function() return 200, "v8" end)
+if d:add("v8_first", core.pid()) then
+  core.sleep(60)                         -- still loading when refused
+  return
+end
+error("the second worker cannot load v8")
+]]
+
+describe("a refused generation's workers the master kills", function()
+  local s
+  after_each(function() if s then s:stop(); s = nil end end)
+
+  it("are logged as discarded, not as killed by a signal", function()
+    s = server.start{ source = V1, workers = 2 }
+    write(s.app .. "/app.lua", V8)
+    local ok, said = s:reload(30)
+    assert.is_nil(ok)
+    assert.matches("the second worker cannot load v8", said)
+    local line = proc.wait_until(function()
+      return s:logs():match("[^\n]*worker %d+ %(generation 2%) discarded"
+                            .. "[^\n]*")
+    end, 10, "the master's line about the worker it killed")
+    assert.matches('"level":"info"', line, 1, true)
+    assert.matches("discarded (reload refused): stopped while loading the"
+                   .. " app", line, 1, true)
+    assert.not_matches("killed by signal", s:logs(), 1, true)
+    assert.equal("v1", assert(s:request("/version")).body)
+  end)
+end)

@@ -60,6 +60,8 @@ struct gw_worker {
     double        stalled;      /* s its loop had not turned when the
                                    watchdog killed it, or 0 */
     int           stalled_loading; /* it was loading the app then */
+    int           discarded;    /* of a refused reload's generation: 1,
+                                   2 when the master killed it loading */
 };
 
 static struct {
@@ -610,8 +612,10 @@ reload_abort(const char *why)
 
             take_pending_ready(&m.w[i], msg, sizeof(msg));
             drop_ready(&m.w[i]);
+            m.w[i].discarded = 1;
             if (m.w[i].state != W_READY) {
                 kill(m.w[i].pid, SIGKILL);
+                m.w[i].discarded = 2;
             }
             m.w[i].state = W_DRAINING;
         }
@@ -914,7 +918,17 @@ on_chld(evutil_socket_t sig, short what, void *arg)
         said = take_pending_ready(wk, msg, sizeof(msg));
         drop_ready(wk);
         gw_metrics_retire(wk->slot);
-        if (wk->state == W_DRAINING || m.stopping) {
+        if (wk->discarded == 2 && wk->stalled == 0 && WIFSIGNALED(status)
+            && WTERMSIG(status) == SIGKILL) {
+            /* the SIGKILL was ours (reload_abort): "killed by signal 9"
+             * read like a crash */
+            gw_log(GW_LOG_INFO, "worker %d (generation %d) discarded "
+                   "(reload refused): stopped while loading the app",
+                   (int) pid, wk->gen);
+        } else if (wk->discarded) {
+            gw_log(GW_LOG_INFO, "worker %d (generation %d) %s (discarded: "
+                   "reload refused)", (int) pid, wk->gen, why);
+        } else if (wk->state == W_DRAINING || m.stopping) {
             gw_log(GW_LOG_INFO, "worker %d (generation %d) %s", (int) pid,
                    wk->gen, why);
         } else if (wk->gen == m.next_gen) {
