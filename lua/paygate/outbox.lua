@@ -930,6 +930,21 @@ local function bad_timeout(t)
   return t ~= nil and not core.is_seconds(t)
 end
 
+-- An error as last_error's text: at most 500 bytes, valid UTF-8 without
+-- control characters but tab and newline (PostgreSQL refuses invalid
+-- UTF-8 and NUL in TEXT, and a cut must not split a character); anything
+-- else becomes '?' (paygate.utf8.clean).
+local function err_text(e)
+  -- (a sink's error whose __tostring raises, or gives no string, must
+  -- still fail its attempt: raised here, the round would end without the
+  -- outcome, and the row would be tried again at once, with no backoff)
+  local ok, s = pcall(tostring, e)
+  if not ok or type(s) ~= "string" then
+    return "(an error that cannot be shown)"
+  end
+  return (utf8_clean(s, 500, true))
+end
+
 -- A hook's results as the dispatcher reads them. `return nil, err` whose
 -- err is nil (a misspelt or unset variable: `return nil, er`) is a
 -- failure with no error, not a success: it was read as done, and the
@@ -966,6 +981,38 @@ local function hook_result(fn, event, ...)
   return ...
 end
 
+-- One warn line per failed attempt of a hook that returned its failure
+-- (false, or nil, err) -- a hook that raises or times out has its own
+-- line -- naming the sink, the hook (where it is defined), the event and
+-- the attempt, with the error's text (the hook's own: the row's
+-- last_error). Bounded per sink and hook by paygate.log.limiter (10 a
+-- minute, then a count): a hook failing for every event of a backlog
+-- must not flood the log. (Was: no line at all, only last_error and the
+-- failed count, until the event was dead-lettered.)
+local hook_failed_log
+local function log_hook_failed(sink, fn, event, err)
+  if hook_failed_log == nil then
+    local ok, paygate = pcall(require, "paygate")
+    hook_failed_log = ok and paygate.log and paygate.log.limiter(
+      "outbox: a hook failed (the attempt failed)") or false
+  end
+  if hook_failed_log then
+    local where = hook_where(fn)
+    hook_failed_log:warn({ sink = sink, hook = where },
+      { id = tostring(event.id), type = event.type, subject = event.subject,
+        attempt = event.attempt, error = err_text(err) })
+  end
+end
+
+-- The results of a hook (fn) of sink, as deliver returns them: logged
+-- first when they are a failure (as deliver_row reads them).
+local function hook_logged(sink, fn, event, r, e, ...)
+  if r == false or (r == nil and e ~= nil) then
+    log_hook_failed(sink, fn, event, e or "returned false")
+  end
+  return r, e, ...
+end
+
 -- syntax: sink = outbox.hooks(map [, opts])
 -- map: event type -> function(event) ("*" matches any type). A hook fails
 -- by returning false or nil, err (nil, nil too: a nil err), or by
@@ -992,18 +1039,19 @@ function _M.hooks(map, opts)
     error("outbox.hooks: opts.timeout must be a positive number of seconds"
           .. " (at most 1e8)", 2)
   end
+  local name = opts.name or "hooks"
   local function deliver(event)
     local fn = map[event.type] or map["*"]
     if not fn then
       return true
     end
-    return hook_result(fn, event, fn(event))
+    return hook_logged(name, fn, event, hook_result(fn, event, fn(event)))
   end
   -- (for the dispatcher: a type without a hook is done at once, no task)
   local function hooked(etype)
     return (map[etype] or map["*"]) ~= nil
   end
-  return { name = opts.name or "hooks", deliver = deliver,
+  return { name = name, deliver = deliver,
            timeout = timeout, hooked = hooked }
 end
 
@@ -1020,7 +1068,11 @@ local function normalize_sinks(sinks)
   local out, names = {}, {}
   for i, s in ipairs(sinks) do
     if type(s) == "function" then
-      s = { name = "sink" .. i, deliver = s, timeout = HOOK_TIMEOUT }
+      -- (a hook: its failed attempts are logged as a hooks sink's)
+      local fn, name = s, "sink" .. i
+      s = { name = name, timeout = HOOK_TIMEOUT, deliver = function(event)
+        return hook_logged(name, fn, event, fn(event))
+      end }
     end
     if type(s) ~= "table" or type(s.deliver) ~= "function"
        or type(s.name) ~= "string" or s.name == ""
@@ -1352,21 +1404,6 @@ local function join_set(set)
   return concat(t, ",")
 end
 
--- An error as last_error's text: at most 500 bytes, valid UTF-8 without
--- control characters but tab and newline (PostgreSQL refuses invalid
--- UTF-8 and NUL in TEXT, and a cut must not split a character); anything
--- else becomes '?' (paygate.utf8.clean).
-local function err_text(e)
-  -- (a sink's error whose __tostring raises, or gives no string, must
-  -- still fail its attempt: raised here, the round would end without the
-  -- outcome, and the row would be tried again at once, with no backoff)
-  local ok, s = pcall(tostring, e)
-  if not ok or type(s) ~= "string" then
-    return "(an error that cannot be shown)"
-  end
-  return (utf8_clean(s, 500, true))
-end
-
 -- The outcomes of deliveries are recorded in batches. A delivery queues
 -- its outcome and, unless another task is already recording, records
 -- everything queued: one write job (db:atomic) per JOB_MAX statements,
@@ -1530,7 +1567,8 @@ end
 -- its traceback: the attempt fails and is retried like any failure, and
 -- last_error keeps the message only. (Was: no line at all until the
 -- event was dead-lettered, hours later, and the stack nowhere.) A sink
--- that returns nil, err is not logged: its error is the row's last_error.
+-- that returns nil, err is not logged here: its error is the row's
+-- last_error (a hook's is logged by the hook's sink, log_hook_failed).
 local function deliver_logged(sink, event)
   return xpcall(sink.deliver, function(e)
     log_at("warn", "outbox: sink " .. sink.name .. " raised (the attempt"

@@ -780,7 +780,7 @@ for engine, open in pairs(stores) do
     end)
 
     it("logs a hook that raises with its traceback, once per failed"
-       .. " attempt; a hook returning nil, err is not logged", function()
+       .. " attempt; a hook returning nil, err has no raise line", function()
       local db = open()
       local clock = new_clock()
       -- the raise is two calls deep in the hook, as a bug in a helper is
@@ -826,6 +826,86 @@ for engine, open in pairs(stores) do
       assert.equal("pending", row(db, a).state)
       assert.truthy(row(db, a).last_error:find("fulfil bug", 1, true))
       assert.equal("pending", row(db, b).state)
+      d:stop()
+      db:close()
+    end)
+
+    it("logs a hook that returns its failure, once per failed attempt,"
+       .. " bounded by the log limiter", function()
+      local db = open()
+      local clock = new_clock()
+      local function on_paid()
+        return nil, paygate.error("busy", "fulfilment later",
+                                  { retryable = true })
+      end
+      local function on_flood() return false end
+      local plain = function(e)       -- a plain function sink: a hook too
+        if e.subject == "pay_p" then
+          return nil, paygate.error("plain_busy", "not now",
+                                    { retryable = true })
+        end
+      end
+      -- (the limiter's key is the sink and the hook: a name of its own
+      -- per engine, so that each run starts with none of its lines)
+      local hname = "hooks_" .. engine
+      local d = outbox.dispatcher(db, { sinks = { outbox.hooks({
+                                          ["payment.paid"] = on_paid,
+                                          ["payment.flood"] = on_flood },
+                                          { name = hname }), plain },
+                                        now = clock.now,
+                                        random = function() return 0 end })
+      local a = enqueue(db, "pay_p", "payment.paid")
+      local lines = {}
+      local warn = paygate.log.warn
+      paygate.log.warn = function(msg, fields)
+        if msg == "outbox: a hook failed (the attempt failed)" then
+          lines[#lines + 1] = fields
+        end
+      end
+      local t0, t1
+      local ok, err = pcall(function()
+        d:step()
+        clock.advance(5)
+        d:step()
+        -- a flood: every event of a backlog failing at once
+        for i = 1, 14 do
+          enqueue(db, "pay_f" .. i, "payment.flood")
+        end
+        clock.advance(60)
+        t0 = core.now()
+        d:step()
+        t1 = core.now()
+      end)
+      paygate.log.warn = warn
+      assert(ok, tostring(err))
+      -- was: no line (the error in last_error only, and the failed count)
+      local by, flood = {}, 0
+      for _, l in ipairs(lines) do
+        by[l.sink .. "#" .. l.id .. "#" .. l.attempt] = l
+        if l.type == "payment.flood" then
+          flood = flood + 1
+          assert.equal(hname, l.sink)
+          assert.matches("returned false", l.error)
+        end
+      end
+      local h1 = by[hname .. "#" .. tostring(a) .. "#1"]
+      assert.truthy(h1, "no line for the hook's first attempt")
+      assert.same({ "payment.paid", "pay_p", 1, "busy: fulfilment later" },
+        { h1.type, h1.subject, h1.attempt, h1.error })
+      -- the hook named by where it is defined (this file, its line)
+      assert.matches("outbox_spec%.lua:%d+$", h1.hook)
+      assert.truthy(by[hname .. "#" .. tostring(a) .. "#2"])
+      local p1 = by["sink2#" .. tostring(a) .. "#1"]
+      assert.truthy(p1, "no line for the plain function sink")
+      assert.equal("plain_busy: not now", p1.error)
+      assert.matches("outbox_spec%.lua:%d+$", p1.hook)
+      -- the flood: 14 attempts failed, 10 lines (the limiter's default a
+      -- minute) for that hook (more if the step crossed a minute's end)
+      if math.floor(t0 / 60) == math.floor(t1 / 60) then
+        assert.equal(10, flood)
+      else
+        assert.is_true(flood >= 10 and flood <= 14, tostring(flood))
+      end
       d:stop()
       db:close()
     end)
