@@ -36,17 +36,21 @@ end
 -- Runs fn(...) and returns the day (at offset) it ran within and fn's
 -- results: records fn made (payments, refunds) are all that day's. When a
 -- midnight passed while it ran, fn runs once more, all in the new day (a
--- day is longer than any spec's stretch).
+-- day is longer than any spec's stretch) -- also when fn raised then: a
+-- failure the midnight may have caused (a day left without the records,
+-- a job's window moved on) is not the spec's verdict. fn raising within
+-- one day, or in the new one, raises that error.
 function _M.within(offset, fn, ...)
   for _ = 1, 2 do
     local d = _M.date(os.time(), offset)
     local r = { n = 0 }
-    local function keep(...)
-      r.n = select("#", ...)
+    local function keep(ok, ...)
+      r.ok, r.n = ok, select("#", ...)
       for i = 1, r.n do r[i] = select(i, ...) end
     end
-    keep(fn(...))
+    keep(pcall(fn, ...))
     if _M.date(os.time(), offset) == d then
+      if not r.ok then error(r[1], 0) end
       return d, unpack(r, 1, r.n)
     end
   end
