@@ -9,6 +9,9 @@ local bill = require "paygate.reconcile.bill"
 local days = require "support.days"
 local core = dofile("examples/gateway/spec/core_support.lua")
 
+-- when this file started: bill_diff reconciles every Beijing day since
+local T0 = os.time()
+
 -- The simulator (bills ready as soon as a day is over: whatever the hour
 -- the spec runs, yesterday's bill exists) and a gateway reconciling fast,
 -- its bills in a fresh folder. gateway: more config.gateway keys; db: as
@@ -34,36 +37,52 @@ local function stop(gw, bill_dir)
   if bill_dir then os.execute("rm -rf '" .. bill_dir .. "'") end
 end
 
--- The daily bill of today, diffed against the gateway's rows (the app's
--- own local_rows, run here against its database): they agree; then one
--- amount changed locally shows as the one mismatch. refunds: how many
--- refunds succeeded at the simulator today (in the bill).
+-- The daily bills of every Beijing day since this file started (today's,
+-- and yesterday's too when the run crossed a Beijing midnight), diffed
+-- against the gateway's rows (the app's own local_rows, run here against
+-- its database): they agree; then one amount changed locally shows as the
+-- one mismatch. refunds: how many refunds succeeded at the simulator since
+-- (in the bills).
 local function bill_diff(sim, gw, refunds)
   -- the app's own local_rows, run here against its database
   package.path = "examples/gateway/?.lua;" .. package.path
   local gwr = require "gw.reconcile"
-  local today = os.date("!%Y-%m-%d", os.time() + 8 * 3600)
-  sim:close_bills(today)
+  -- the payment whose amount is changed below, of a known day: paid
+  -- within one Beijing day (again in the new day when a midnight passed
+  -- meanwhile), before that day's bill is closed
+  local day, p = days.within(days.BEIJING, function()
+    local p = gw:create{ amount = 61 }
+    sim:pay_and_wait(p.out_trade_no)
+    gw:wait_state(p.id, "paid")
+    return p
+  end)
   local dir = os.tmpname()
   os.remove(dir)
   os.execute("mkdir -p '" .. dir .. "'")
-  local function run()
+  local function run(date)
     return assert(bill.daily{ wx = sim:client(), db = gw.db, dir = dir,
-      date = today, name = "spec", local_rows = function(date, numbers)
-        return gwr.local_rows(gw.db, sim.merchant.mchid, date, numbers)
+      date = date, name = "spec", local_rows = function(d, numbers)
+        return gwr.local_rows(gw.db, sim.merchant.mchid, d, numbers)
       end })
   end
-  local report = run()
-  assert.is_false(report.empty)
-  assert.is_true(report.remote_payments >= 2)    -- the specs above
-  assert.equal(refunds, report.remote_refunds)   -- the SUCCESS ones
-  assert.same({}, report.mismatches)
-  -- one amount changed locally: the diff names it
+  local payments, refunded, bills = 0, 0, 0
+  for _, date in ipairs(days.since(T0, days.BEIJING)) do
+    sim:close_bills(date)
+    local report = run(date)
+    assert.same({}, report.mismatches)
+    if not report.empty then bills = bills + 1 end
+    payments = payments + report.remote_payments
+    refunded = refunded + report.remote_refunds
+  end
+  assert.is_true(bills >= 1, "no day's bill had the payments")
+  assert.is_true(payments >= 3)    -- the specs above, and the one here
+  assert.equal(refunds, refunded)  -- the SUCCESS ones
+  -- one amount changed locally: the diff of its day names it
   local row = assert(gw.db:query("SELECT id, amount, paid_out_trade_no"
-    .. " FROM gw_payments WHERE state = 'paid' LIMIT 1"))[1]
+    .. " FROM gw_payments WHERE id = $1", { p.id }))[1]
   assert(gw.db:exec("UPDATE gw_payments SET amount = amount + 1 WHERE"
                     .. " id = $1", { row.id }))
-  report = run()
+  local report = run(day)
   assert.equal(1, #report.mismatches)
   local m = report.mismatches[1]
   assert.same({ "amount", row.paid_out_trade_no, row.amount + 1,
@@ -76,9 +95,12 @@ local function bill_diff(sim, gw, refunds)
 end
 
 describe("gateway reconciliation", function()
-  local sim, gw, bill_dir
+  local sim, gw, bill_dir, started
 
   setup(function()
+    -- before the gateway starts: the daily bill job case reads the days
+    -- of its window from it
+    started = os.time()
     -- the default payment_ttl: the expiry case below sets its payment's
     -- expires_at itself (before: payment_ttl = 60, below the minimum now)
     sim, gw, bill_dir = start{}
@@ -267,7 +289,14 @@ describe("gateway reconciliation", function()
 
   it("the daily bill job reports yesterday (no trades: an empty day)",
      function()
-    local date = bill.bill_date()
+    -- yesterday when the gateway started: in the job's window (bill_days
+    -- 3) at its first round, and at every round after it even when a
+    -- Beijing midnight passed since (then one of the older days, whose
+    -- bills the job fetches at once); no trade of the simulator, started
+    -- after it, is of that day. (Was: yesterday when this case runs,
+    -- after a midnight the day of the cases above, not empty, perhaps
+    -- not reported yet.)
+    local date = bill.bill_date(started)
     local e
     testing.wait_until(function()
       e = audit.entries(gw.db, "reconcile:" .. date)
@@ -315,8 +344,10 @@ describe("gateway reconciliation", function()
         .. sim.merchant.mchid .. '"} 0\n', 1, true)
     end, 15, "the bill's gauges after a restart")
     -- and the days before it within bill_days (3): a day whose turn came
-    -- while the gateway was down is caught up (before: yesterday only)
-    local before = bill.bill_date(os.time() - 2 * 86400)
+    -- while the gateway was down is caught up (before: yesterday only).
+    -- The day before that yesterday: in the window at the job's first
+    -- round whether or not a Beijing midnight passed since the start
+    local before = bill.bill_date(started - 86400)
     testing.wait_until(function()
       e = audit.entries(gw.db, "reconcile:" .. before)
       return e and e[1]
@@ -729,33 +760,44 @@ local function bill_failed_gauge(gw, sim)
                             .. sim.merchant.mchid .. '"} (%d+)\n')
 end
 
-describe("gateway daily bill job failures", function()
-  local sim, gw, bill_dir
-
-  setup(function()
+-- The gateway of a case whose bill job must fail yesterday's bill and
+-- see it again, started within the case: the start and the case within
+-- one Beijing day (days.within: both again in the new day when a midnight
+-- passed meanwhile -- with bill_days = 1 the day failed then leaves the
+-- window unreconciled, and its alarm stays up, rightly). fn(date) gets
+-- yesterday's date, taken before the start. Run within a case (busted's
+-- finally stops the last gateway).
+local function failing_bill_case(gateway, rec, fn)
+  local box = {}
+  finally(function() stop(box.gw, box.bill_dir) end)
+  days.within(days.BEIJING, function()
+    if box.gw then stop(box.gw, box.bill_dir) end
+    local date = bill.bill_date()
     -- the bill's download fails from the start
-    sim, gw, bill_dir = start({}, nil, { bill_retry = 0.5, bill_days = 1 },
-      function(s)
-        s:fault{ endpoint = "tradebill", kind = "error", status = 500,
-                 count = 100000 }
-      end)
+    box.sim, box.gw, box.bill_dir = start(gateway, nil, rec, function(s)
+      s:fault{ endpoint = "tradebill", kind = "error", status = 500,
+               count = 100000 }
+    end)
+    fn(box.sim, box.gw, date)
   end)
+end
 
-  teardown(function() stop(gw, bill_dir) end)
-
-  local function failed_gauge() return bill_failed_gauge(gw, sim) end
-
+describe("gateway daily bill job failures", function()
   it("a failing run shows on /metrics until one succeeds", function()
-    -- no report, and the gauge says so
-    testing.wait_until(function() return failed_gauge() == "1" end, 20,
-                       "paygate_reconcile_bill_failed 1")
-    assert.same({}, audit.entries(gw.db, "reconcile:" .. bill.bill_date()))
-    -- it works again: reported, and the gauge back to 0
-    sim:clear_faults()
-    testing.wait_until(function()
-      local e = audit.entries(gw.db, "reconcile:" .. bill.bill_date())
-      return e and e[1] and failed_gauge() == "0"
-    end, 20, "the report, and paygate_reconcile_bill_failed 0")
+    failing_bill_case({}, { bill_retry = 0.5, bill_days = 1 },
+                      function(sim, gw, date)
+      local function failed_gauge() return bill_failed_gauge(gw, sim) end
+      -- no report, and the gauge says so
+      testing.wait_until(function() return failed_gauge() == "1" end, 20,
+                         "paygate_reconcile_bill_failed 1")
+      assert.same({}, audit.entries(gw.db, "reconcile:" .. date))
+      -- it works again: reported, and the gauge back to 0
+      sim:clear_faults()
+      testing.wait_until(function()
+        local e = audit.entries(gw.db, "reconcile:" .. date)
+        return e and e[1] and failed_gauge() == "0"
+      end, 20, "the report, and paygate_reconcile_bill_failed 0")
+    end)
   end)
 end)
 
@@ -763,23 +805,8 @@ end)
 -- again from the console, with success: the job finds the day reported
 -- and never runs it again, so the console's run must clear the alarm.
 describe("gateway daily bill failed, then run from the console", function()
-  local sim, gw, bill_dir
-
-  setup(function()
-    -- no retry by the job within the spec: only the console runs it again
-    sim, gw, bill_dir = start({ console = { access = "loopback" } }, nil,
-      { bill_retry = 3600, bill_days = 1 }, function(s)
-        s:fault{ endpoint = "tradebill", kind = "error", status = 500,
-                 count = 100000 }
-      end)
-  end)
-
-  teardown(function() stop(gw, bill_dir) end)
-
-  local function failed_gauge() return bill_failed_gauge(gw, sim) end
-
-  -- the console's Reconcile lever for date: its redirect's location
-  local function console_run(date)
+  -- the console's Reconcile lever of gw for date: its redirect's location
+  local function console_run(gw, date)
     local page = gw.srv:request{ path = "/console/reconcile" }
     assert.equal(200, page.status, page.body)
     local csrf = assert(page.body:match('name="csrf" value="(%x+)"'))
@@ -792,32 +819,39 @@ describe("gateway daily bill failed, then run from the console", function()
 
   it("the console's successful run sets paygate_reconcile_bill_failed 0;"
      .. " an older day's run, good or bad, leaves it", function()
-    testing.wait_until(function() return failed_gauge() == "1" end, 20,
-                       "paygate_reconcile_bill_failed 1")
-    sim:clear_faults()
-    -- the day before the failed one, reconciled: the newer failure stands
-    local older = os.date("!%Y-%m-%d", bill.day_start(bill.bill_date())
-                          - 86400 + 8 * 3600)
-    assert.matches("reconciled", console_run(older))
-    local e = audit.entries(gw.db, "reconcile:" .. older)
-    assert.equal(1, #e)
-    -- run from the console: its entry says so (was "reconcile", the
-    -- job's, while the console's list of runs reads "by" from it)
-    assert.equal("console", e[1].actor)
-    assert.equal("1", failed_gauge())
-    -- the failed day itself: cleared
-    assert.matches("reconciled", console_run(bill.bill_date()))
-    assert.equal(1, #audit.entries(gw.db, "reconcile:" .. bill.bill_date()))
-    testing.wait_until(function() return failed_gauge() == "0" end, 5,
-                       "paygate_reconcile_bill_failed 0")
-    -- an older day failing now does not raise the alarm over it
-    sim:fault{ endpoint = "tradebill", kind = "error", status = 500,
-               count = 100 }
-    local two_before = os.date("!%Y-%m-%d", bill.day_start(bill.bill_date())
-                               - 2 * 86400 + 8 * 3600)
-    assert.is_nil(console_run(two_before):find("reconciled", 1, true))
-    assert.equal("0", failed_gauge())
-    sim:clear_faults()
+    -- no retry by the job within the spec: only the console runs it again
+    failing_bill_case({ console = { access = "loopback" } },
+                      { bill_retry = 3600, bill_days = 1 },
+                      function(sim, gw, date)
+      local function failed_gauge() return bill_failed_gauge(gw, sim) end
+      testing.wait_until(function() return failed_gauge() == "1" end, 20,
+                         "paygate_reconcile_bill_failed 1")
+      sim:clear_faults()
+      -- the day before the failed one, reconciled: the newer failure
+      -- stands
+      local older = os.date("!%Y-%m-%d", bill.day_start(date) - 86400
+                            + 8 * 3600)
+      assert.matches("reconciled", console_run(gw, older))
+      local e = audit.entries(gw.db, "reconcile:" .. older)
+      assert.equal(1, #e)
+      -- run from the console: its entry says so (was "reconcile", the
+      -- job's, while the console's list of runs reads "by" from it)
+      assert.equal("console", e[1].actor)
+      assert.equal("1", failed_gauge())
+      -- the failed day itself: cleared
+      assert.matches("reconciled", console_run(gw, date))
+      assert.equal(1, #audit.entries(gw.db, "reconcile:" .. date))
+      testing.wait_until(function() return failed_gauge() == "0" end, 5,
+                         "paygate_reconcile_bill_failed 0")
+      -- an older day failing now does not raise the alarm over it
+      sim:fault{ endpoint = "tradebill", kind = "error", status = 500,
+                 count = 100 }
+      local two_before = os.date("!%Y-%m-%d", bill.day_start(date)
+                                 - 2 * 86400 + 8 * 3600)
+      assert.is_nil(console_run(gw, two_before):find("reconciled", 1, true))
+      assert.equal("0", failed_gauge())
+      sim:clear_faults()
+    end)
   end)
 end)
 
@@ -1238,10 +1272,12 @@ local servers = require "spec.support.servers"
 
 if servers.have_postgres() then
   describe("gateway reconciliation on PostgreSQL", function()
-    local sim, gw, pg, bill_dir
+    local sim, gw, pg, bill_dir, started
 
     setup(function()
       pg = servers.postgres()
+      -- before the gateway starts: the bill job case's day
+      started = os.time()
       sim, gw, bill_dir = start({}, function() return pg.url end)
     end)
 
@@ -1260,7 +1296,11 @@ if servers.have_postgres() then
       gw:wait_state(p.id, "paid", 20)
       local e = audit.entries(gw.db, "payment:" .. p.id)
       assert.equal("reconcile", e[#e].actor)
-      local date = bill.bill_date()
+      -- yesterday when the gateway started: in the job's window (bill_days
+      -- 3) at every round since, a Beijing midnight passed or not (was:
+      -- yesterday when this case runs, after a midnight a day the job
+      -- fetches at its next round, a minute later)
+      local date = bill.bill_date(started)
       testing.wait_until(function()
         local b = audit.entries(gw.db, "reconcile:" .. date)
         return b and b[1]
