@@ -750,11 +750,14 @@ end
 -- reads it from the store; the automatic ones are sent after the commit
 -- that made them), so on one store, whichever instance asked, WeChat
 -- cannot notify an out_refund_no of ours the store does not hold. Its
--- business key (refund|<out_refund_no>|<status>) is claimed as a refund
--- of this gateway's is: WeChat's retry under the same id is a duplicate
--- already (gw_notifications), one under a new id is one here, the flag
--- and its audit entry (naming the notification and WeChat's refund_id)
--- made once.
+-- business key (refund|<merchant>|<out_refund_no>|<status>) is claimed
+-- as a refund of this gateway's is: WeChat's retry under the same id is
+-- a duplicate already (gw_notifications), one under a new id is one
+-- here, the flag and its audit entry (naming the notification and
+-- WeChat's refund_id) made once. The merchant is in it (as in a
+-- payment's key): the number is the other system's, unique only within
+-- its merchant (ours are unique anyway), so another merchant's refund of
+-- the same number is no duplicate of this one.
 -- returns: outcome, false, or nil, err.
 local function refund_outside(tx, r, o)
   local no = r.out_trade_no
@@ -772,8 +775,9 @@ local function refund_outside(tx, r, o)
   if status == "CLOSED" then return "ignored" end
   if o.notification_id then
     local fresh
-    fresh, err = claim(tx, "refund|" .. r.out_refund_no .. "|"
-                       .. tostring(status), o.notification_id, model.time())
+    fresh, err = claim(tx, "refund|" .. _M.merchant(p) .. "|"
+                       .. r.out_refund_no .. "|" .. tostring(status),
+                       o.notification_id, model.time())
     if fresh == nil then return nil, err end
     if not fresh then return "duplicate" end
   end

@@ -111,6 +111,57 @@ describe("gateway notify handler on " .. engine, function()
     assert.equal(3, model.payment(db, id).version)
   end)
 
+  -- A refund made outside the gateway names an out_refund_no of the
+  -- system that made it, unique only within its merchant (WeChat's
+  -- rule): two merchants' refunds may share one. Was: its business key
+  -- named no merchant, so the second merchant's refund was recorded as
+  -- a duplicate of the first's and its payment never flagged.
+  it("dedupes a refund made elsewhere within its merchant: two"
+     .. " merchants' refunds of one out_refund_no flag both payments; a"
+     .. " second refund of one payment is no duplicate", function()
+    local function paid(mchid)
+      local id = payment("paying")
+      assert(db:exec("UPDATE gw_payments SET mchid = $2 WHERE id = $1",
+                     { id, mchid }))
+      local ev = paid_event(id .. "_1")
+      ev.resource.mchid = mchid
+      assert.equal(204, (notify.handler(req(ev, mchid))))
+      return id
+    end
+    local function elsewhere(eid, mchid, id, no, status)
+      local ev = { id = eid, event_type = "REFUND.SUCCESS", resource = {
+        mchid = mchid, out_trade_no = id .. "_1", out_refund_no = no,
+        refund_id = "50" .. eid, refund_status = status or "SUCCESS",
+        amount = { total = 100, refund = 10, payer_total = 100,
+                   payer_refund = 10 } } }
+      assert.equal(204, (notify.handler(req(ev, mchid))))
+      local rows = assert(db:query("SELECT outcome FROM gw_notifications"
+        .. " WHERE id = $1", { eid }))
+      return rows[1] and rows[1].outcome
+    end
+    local function flagged(id)
+      return model.payment(db, id).refunded_elsewhere_at ~= nil
+    end
+    local a, b = paid("1900000001"), paid("1900000002")
+    assert.equal("refunded_elsewhere",
+                 elsewhere("EV-else-a", "1900000001", a, "R0001"))
+    assert.is_true(flagged(a))
+    assert.is_false(flagged(b))
+    -- another merchant's refund of the same number: its own
+    assert.equal("refunded_elsewhere",
+                 elsewhere("EV-else-b", "1900000002", b, "R0001"))
+    assert.is_true(flagged(b))
+    -- each one's repeat under a new id: a duplicate
+    assert.equal("duplicate",
+                 elsewhere("EV-else-a2", "1900000001", a, "R0001"))
+    assert.equal("duplicate",
+                 elsewhere("EV-else-b2", "1900000002", b, "R0001"))
+    -- a second partial refund of the same payment, another number: not
+    -- the first one's repeat (the payment stays flagged once)
+    assert.equal("refunded_elsewhere",
+                 elsewhere("EV-else-a3", "1900000001", a, "R0002"))
+  end)
+
   -- A notification whose key a query claimed came late: one info line
   -- (reconcile_spec counts it end to end); one whose key another
   -- notification (a new id) claimed is a plain duplicate: none.
