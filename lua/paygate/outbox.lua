@@ -38,6 +38,7 @@ local json = require "paygate.json"
 local sql = require "paygate.sql"
 local lease = require "paygate.lease"
 local utf8_clean = require("paygate.utf8").clean
+local split_query = require("paygate.redact").split_query
 
 local _M = { _VERSION = "0.1.0" }
 
@@ -685,6 +686,27 @@ function _M.header_problem(name, value)
   return nil
 end
 
+-- What the line of a sink's failed attempt (log_failed) says of the
+-- sinks made here, beside the event: a webhook's host, a hook (hook_of:
+-- event type -> the function). Kept out of the sink's table, which an
+-- app may build itself (a field of its own there is never logged).
+local sink_about = setmetatable({}, { __mode = "k" })
+local function about(sink, t)
+  sink_about[sink] = t
+  return sink
+end
+
+-- A webhook URL's host (and port) as a log line may show it: the user
+-- info goes, read as paygate.redact reads a URL's (everything before the
+-- last "@" ahead of the query, so a password holding "/" or "@" is not
+-- shown in part), and so do the path, the query and the fragment. (A
+-- path holding "@" shows what follows it instead: misread, never a
+-- secret.)
+local function url_host(url)
+  local main = split_query(url:match("^%a+://(.*)$") or "")
+  return (main:match("([^@]*)$"):match("^[^/#]*"))
+end
+
 -- syntax: sink = outbox.webhook(opts)
 -- opts: url, secret (or an array of them: each signs, for a rotation),
 --       name ("webhook"), timeout (s, 10), headers (extra),
@@ -710,6 +732,9 @@ function _M.webhook(opts)
           .. " array of them", 2)
   end
   local http = require "paygate.http"
+  -- (the host alone, for the line of a failed attempt: no user info, no
+  -- path or query, where a credential may sit)
+  local host = url_host(opts.url)
   -- (the scheme in lower case: the HTTP client takes http:// and https://
   -- alone, and HTTPS:// would raise at every delivery)
   local url = opts.url:gsub("^%a+", string.lower, 1)
@@ -811,8 +836,8 @@ function _M.webhook(opts)
                              retryable = s >= 500 or RETRY_STATUS[s]
                                          or false })
   end
-  return { name = opts.name or "webhook", deliver = deliver,
-           types = type_filter(opts.types) }
+  return about({ name = opts.name or "webhook", deliver = deliver,
+                  types = type_filter(opts.types) }, { host = host })
 end
 
 -- The error kinds of paygate.redis that no retry of an XADD fixes: the
@@ -981,38 +1006,6 @@ local function hook_result(fn, event, ...)
   return ...
 end
 
--- One warn line per failed attempt of a hook that returned its failure
--- (false, or nil, err) -- a hook that raises or times out has its own
--- line -- naming the sink, the hook (where it is defined), the event and
--- the attempt, with the error's text (the hook's own: the row's
--- last_error). Bounded per sink and hook by paygate.log.limiter (10 a
--- minute, then a count): a hook failing for every event of a backlog
--- must not flood the log. (Was: no line at all, only last_error and the
--- failed count, until the event was dead-lettered.)
-local hook_failed_log
-local function log_hook_failed(sink, fn, event, err)
-  if hook_failed_log == nil then
-    local ok, paygate = pcall(require, "paygate")
-    hook_failed_log = ok and paygate.log and paygate.log.limiter(
-      "outbox: a hook failed (the attempt failed)") or false
-  end
-  if hook_failed_log then
-    local where = hook_where(fn)
-    hook_failed_log:warn({ sink = sink, hook = where },
-      { id = tostring(event.id), type = event.type, subject = event.subject,
-        attempt = event.attempt, error = err_text(err) })
-  end
-end
-
--- The results of a hook (fn) of sink, as deliver returns them: logged
--- first when they are a failure (as deliver_row reads them).
-local function hook_logged(sink, fn, event, r, e, ...)
-  if r == false or (r == nil and e ~= nil) then
-    log_hook_failed(sink, fn, event, e or "returned false")
-  end
-  return r, e, ...
-end
-
 -- syntax: sink = outbox.hooks(map [, opts])
 -- map: event type -> function(event) ("*" matches any type). A hook fails
 -- by returning false or nil, err (nil, nil too: a nil err), or by
@@ -1045,14 +1038,18 @@ function _M.hooks(map, opts)
     if not fn then
       return true
     end
-    return hook_logged(name, fn, event, hook_result(fn, event, fn(event)))
+    return hook_result(fn, event, fn(event))
   end
   -- (for the dispatcher: a type without a hook is done at once, no task)
   local function hooked(etype)
     return (map[etype] or map["*"]) ~= nil
   end
-  return { name = name, deliver = deliver,
-           timeout = timeout, hooked = hooked }
+  -- (for the line of a failed attempt: the hook that failed)
+  local function hook_of(etype)
+    return map[etype] or map["*"]
+  end
+  return about({ name = name, deliver = deliver, timeout = timeout,
+                  hooked = hooked }, { hook_of = hook_of })
 end
 
 ----------------------------------------------------------- dispatcher
@@ -1068,11 +1065,11 @@ local function normalize_sinks(sinks)
   local out, names = {}, {}
   for i, s in ipairs(sinks) do
     if type(s) == "function" then
-      -- (a hook: its failed attempts are logged as a hooks sink's)
-      local fn, name = s, "sink" .. i
-      s = { name = name, timeout = HOOK_TIMEOUT, deliver = function(event)
-        return hook_logged(name, fn, event, fn(event))
-      end }
+      -- (a hook: its failed attempts are logged naming it, as a hooks
+      -- sink's are)
+      local fn = s
+      s = about({ name = "sink" .. i, deliver = fn, timeout = HOOK_TIMEOUT },
+                { hook_of = function() return fn end })
     end
     if type(s) ~= "table" or type(s.deliver) ~= "function"
        or type(s.name) ~= "string" or s.name == ""
@@ -1562,21 +1559,66 @@ local function record_queued(self)
   self.recording = false
 end
 
+-- One warn line per attempt a sink failed by returning its failure
+-- (false, or nil, err: a webhook's refusing status or transport error, a
+-- Redis error, a hook's own failure) -- a sink that raises or times out
+-- has its own line -- the same for every sink: the sink, the event, the
+-- attempt and the error's text (as last_error keeps it); a hook's also
+-- names the hook (where it is defined), a webhook's its URL's host, and
+-- an error with a status (a webhook's answer) that status. Bounded per
+-- sink (and hook) by paygate.log.limiter (10 a minute, then a count): a
+-- receiver down for a whole backlog must not flood the log. (Was: a line
+-- for a hook's failure only; a webhook answering 500 or refused, a Redis
+-- stream down, had none, only last_error and the failed count, until the
+-- event was dead-lettered, hours later.)
+local failed_log
+local function log_failed(sink, event, err)
+  if failed_log == nil then
+    local ok, paygate = pcall(require, "paygate")
+    failed_log = ok and paygate.log and paygate.log.limiter(
+      "outbox: a sink failed (the attempt failed)") or false
+  end
+  if not failed_log then
+    return
+  end
+  local about_it = sink_about[sink] or {}
+  local key = { sink = sink.name }
+  local fn = about_it.hook_of and about_it.hook_of(event.type)
+  if fn then
+    key.hook = hook_where(fn)
+  end
+  -- (a webhook's refusal: its status; read raw, as an app's error table
+  -- may hold anything)
+  local status = type(err) == "table" and rawget(err, "status") or nil
+  failed_log:warn(key, { id = tostring(event.id), type = event.type,
+    subject = event.subject, attempt = event.attempt,
+    error = err_text(err), host = about_it.host,
+    status = type(status) == "number" and status or nil })
+end
+
+-- A sink's results as deliver_logged returns them: a failure it returned
+-- (as deliver_row reads one) is logged first.
+local function failure_logged(sink, event, ok, r, e, ...)
+  if ok and (r == false or (r == nil and e ~= nil)) then
+    log_failed(sink, event, e or "returned false")
+  end
+  return ok, r, e, ...
+end
+
 -- sink.deliver(event) as pcall runs it; one that raises (a bug in a
 -- hook, or a hook raising to be retried) is logged where it raised, with
 -- its traceback: the attempt fails and is retried like any failure, and
 -- last_error keeps the message only. (Was: no line at all until the
--- event was dead-lettered, hours later, and the stack nowhere.) A sink
--- that returns nil, err is not logged here: its error is the row's
--- last_error (a hook's is logged by the hook's sink, log_hook_failed).
+-- event was dead-lettered, hours later, and the stack nowhere.) One that
+-- returns its failure is logged by log_failed.
 local function deliver_logged(sink, event)
-  return xpcall(sink.deliver, function(e)
+  return failure_logged(sink, event, xpcall(sink.deliver, function(e)
     log_at("warn", "outbox: sink " .. sink.name .. " raised (the attempt"
       .. " failed; retried with backoff)", { id = tostring(event.id),
       type = event.type, subject = event.subject, attempt = event.attempt,
       sink = sink.name, error = debug.traceback(err_text(e), 2) })
     return e
-  end, event)
+  end, event))
 end
 
 -- This file's folder (".../lua/paygate/"): frames under it are the

@@ -830,8 +830,8 @@ for engine, open in pairs(stores) do
       db:close()
     end)
 
-    it("logs a hook that returns its failure, once per failed attempt,"
-       .. " bounded by the log limiter", function()
+    it("logs a hook (any sink) that returns its failure, once per failed"
+       .. " attempt, bounded by the log limiter", function()
       local db = open()
       local clock = new_clock()
       local function on_paid()
@@ -848,17 +848,23 @@ for engine, open in pairs(stores) do
       -- (the limiter's key is the sink and the hook: a name of its own
       -- per engine, so that each run starts with none of its lines)
       local hname = "hooks_" .. engine
+      -- an app's own sink table: logged the same way, and a field of its
+      -- own (here a URL with a password) is not
+      local rec = recorder("own_" .. engine)
+      rec.sink.host = "redis://:own-pw@10.0.0.1"
       local d = outbox.dispatcher(db, { sinks = { outbox.hooks({
                                           ["payment.paid"] = on_paid,
                                           ["payment.flood"] = on_flood },
-                                          { name = hname }), plain },
+                                          { name = hname }), plain,
+                                          rec.sink },
                                         now = clock.now,
                                         random = function() return 0 end })
       local a = enqueue(db, "pay_p", "payment.paid")
+      rec.fail[a] = 1
       local lines = {}
       local warn = paygate.log.warn
       paygate.log.warn = function(msg, fields)
-        if msg == "outbox: a hook failed (the attempt failed)" then
+        if msg == "outbox: a sink failed (the attempt failed)" then
           lines[#lines + 1] = fields
         end
       end
@@ -899,6 +905,13 @@ for engine, open in pairs(stores) do
       assert.truthy(p1, "no line for the plain function sink")
       assert.equal("plain_busy: not now", p1.error)
       assert.matches("outbox_spec%.lua:%d+$", p1.hook)
+      local r1 = by[rec.name .. "#" .. tostring(a) .. "#1"]
+      assert.truthy(r1, "no line for the app's own sink")
+      assert.same({ "payment.paid", "pay_p", 1, "down: try later" },
+        { r1.type, r1.subject, r1.attempt, r1.error })
+      assert.is_nil(r1.host)
+      assert.is_nil(r1.hook)
+      assert.is_nil(by[rec.name .. "#" .. tostring(a) .. "#2"])
       -- the flood: 14 attempts failed, 10 lines (the limiter's default a
       -- minute) for that hook (more if the step crossed a minute's end)
       if math.floor(t0 / 60) == math.floor(t1 / 60) then
