@@ -126,14 +126,20 @@ local function replayed(req)
 end
 
 -- A notification for an order (or refund) this gateway does not know is
--- answered FAIL: it may be another instance's, whose transaction has not
--- committed yet, and WeChat sends it again. But WeChat does so for a day:
--- an operator must see it. (A refund of an out_refund_no unknown here, of
+-- answered FAIL, so WeChat sends it again for a day: a store restored
+-- from a backup, or a fix of the config, may still take it. It is never
+-- one of the gateway's own not committed yet, on this instance or another
+-- on the store: every attempt's row (out_trade_no) commits before WeChat
+-- is asked for its prepay -- a create's first attempt, a resumed create's
+-- and a switch's alike (gw.payments) -- and each refund's row before its
+-- refund is asked. So an out_trade_no WeChat names and the store does not
+-- hold was never sent from here (or was, before the backup the store was
+-- restored from): another system's order on the merchant number with
+-- this gateway's notify URL, or a notify_url pointing here by mistake.
+-- An operator must see it. (A refund of an out_refund_no unknown here, of
 -- an order it knows, is not one of these: made outside the gateway, its
--- payment is flagged refunded_elsewhere and it is acknowledged, gw.apply.
--- An unknown out_refund_no is never one of the gateway's own refunds not
--- committed yet, on any instance: each refund's row commits before WeChat
--- is asked for it.) Counted once per notification id, on /metrics as the
+-- payment is flagged refunded_elsewhere and it is acknowledged,
+-- gw.apply.) Counted once per notification id, on /metrics as the
 -- counter paygate_gateway_unknown_notifications_total{kind} (summed
 -- over the workers, kept when one is restarted), and logged once per id
 -- at warn.
@@ -153,7 +159,8 @@ local function unknown_target(mchid, event, err)
     .. " gateway does not know: answered FAIL (WeChat retries it for a day;"
     .. (kind == "refund" and " a refund, made in the merchant platform, of"
         .. " an order this gateway did not make (another system's on the"
-        .. " merchant number)?" or " another instance's, not committed yet?")
+        .. " merchant number)?" or " an order another system made on the"
+        .. " same merchant number?")
     .. " made after the backup this store was restored from? a wrong"
     .. " notify_url?)", {
       id = event.id, event_type = event.event_type, mchid = mchid,

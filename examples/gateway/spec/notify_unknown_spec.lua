@@ -1,8 +1,9 @@
 -- examples/gateway: a notification for an order the gateway does not know
--- is answered FAIL (500: it may be another instance's order whose
--- transaction has not committed yet, and WeChat sends it again), and an
+-- is answered FAIL (500: WeChat sends it again for a day), and an
 -- operator sees it: counted once per notification id on /metrics, logged
--- once per id at warn however often WeChat retries.
+-- once per id at warn however often WeChat retries, naming its likely
+-- causes -- never "another instance's, not committed yet": every
+-- attempt's row commits before WeChat is asked for its prepay.
 local testing = require "paygate.testing"
 local http = require "paygate.http"
 local json = require "paygate.json"
@@ -64,6 +65,13 @@ describe("gateway: notifications for unknown orders", function()
         warned = warned + 1
         assert.equal(n.id, rec.id)
         assert.equal(no, rec.out_trade_no)
+        -- the real causes (was: "another instance's, not committed yet?",
+        -- which an order of the gateway's never is)
+        assert.is_nil(rec.msg:find("not committed yet", 1, true), rec.msg)
+        assert.truthy(rec.msg:find("another system made on the same"
+                                   .. " merchant number", 1, true), rec.msg)
+        assert.truthy(rec.msg:find("restored from", 1, true), rec.msg)
+        assert.truthy(rec.msg:find("wrong notify_url", 1, true), rec.msg)
       end
     end
     assert.equal(1, warned)
