@@ -250,6 +250,78 @@ describe("paygate upgrade", function()
     assert.equal(tostring(s.pid), assert(s:request("/who")).body)
   end)
 
+  it("refused: a new binary that ignores TERM is killed with its process "
+     .. "group; no upgrade until it is gone, then one works", function()
+    local bin = copy_bin()
+    s = server.start{ source = WHO, bin = bin,
+                      config = { upgrade_timeout = 2 } }
+    -- a wrapper that traps TERM and never serves, with a child (as a new
+    -- master's worker would be) that ignores TERM too: both would hold
+    -- the listening sockets
+    local child_file = s.dir .. "/child.pid"
+    replace_with_script(bin, "trap '' TERM\nsleep 300 &\necho $! > "
+                             .. proc.sh_quote(child_file) .. "\nwait")
+    local code, said = proc.run({ PAYGATE_BIN, "upgrade", "--pid-file",
+                                  s.pid_file, "--timeout", "20" })
+    assert.equal(1, code, said)
+    assert.matches("did not serve within 2 s", said)
+    local failed = tonumber(said:match("new master %(pid (%d+)%)"))
+    local child
+    finally(function()      -- were they left, this spec ends them
+      for _, pid in ipairs({ failed, child }) do
+        if proc.running(pid) then proc.kill_pid(pid, proc.SIGKILL) end
+      end
+    end)
+    child = tonumber(proc.wait_until(function()
+      return proc.read(child_file):match("%d+")
+    end, 5, "the script's child"))
+    -- meanwhile no other upgrade (two new masters on the sockets)
+    proc.kill_pid(s.pid, proc.SIGUSR2)
+    local status = s.pid_file .. ".upgrade"
+    proc.wait_until(function()
+      return proc.read(status):match(" refused: the new master of the "
+                                     .. "upgrade refused before")
+    end, 5, "the second upgrade's refusal")
+    assert.matches(("%%(pid %d%%) has not ended yet"):format(failed),
+                   proc.read(status))
+    -- TERM, then SIGKILL to its process group at the grace's end
+    -- (min(5 s, upgrade_timeout)), and it is reaped
+    proc.wait_until(function() return not proc.running(failed) end,
+                    2 + 3, "the new binary ignoring TERM to be killed")
+    proc.wait_until(function() return not proc.running(child) end, 3,
+                    "its child to be killed with it")
+    proc.wait_until(function()
+      return s:logs():match("an upgrade may start again")
+    end, 5, "the old master to reap it")
+    local log = s:logs()
+    assert.matches(("the new master %%(pid %d%%) told to stop %%(TERM%%)")
+                   :format(failed), log)
+    assert.matches(("the new master %%(pid %d%%) has not ended within 2 s "
+                    .. "of the upgrade's refusal; killed it and its process "
+                    .. "group %%(SIGKILL%%)"):format(failed), log)
+    assert.matches(("the refused new master %%(pid %d%%) killed by signal "
+                    .. "9"):format(failed), log)
+    -- the old master serves on, and upgrades once a good build is there
+    assert.equal(tostring(s.pid), assert(s:request("/who")).body)
+    replace(bin)
+    local again
+    code, again = upgrade(s, bin)
+    assert.equal(0, code, again)
+    new = tonumber(proc.read(s.pid_file))
+    guard = proc.guard(new)
+    -- having taken over, it and its workers are in the old master's
+    -- process group again (what signals that group reaches them)
+    local function pgrp(pid)
+      return proc.read("/proc/" .. pid .. "/stat")
+                 :match("^%d+ %(.*%) %a %d+ (%d+)")
+    end
+    local old_group = pgrp(s.pid)
+    assert.equal(old_group, pgrp(new))
+    for _, w in ipairs(proc.children(new)) do
+      assert.equal(old_group, pgrp(w))
+    end
+  end)
+
   it("one at a time: an upgrade during a reload and a reload during an "
      .. "upgrade are refused", function()
     local bin = copy_bin()

@@ -45,6 +45,9 @@
 #define INHERIT_ENV "PAYGATE_INHERIT"   /* what an upgrade hands over */
 #define WATCHDOG_LATE 1.0       /* s a look may come late before the master
                                    takes it that it did not run itself */
+#define UPGRADE_GRACE 5.0       /* s at most a refused upgrade's new master
+                                   has from TERM to SIGKILL (never more
+                                   than upgrade_timeout) */
 
 enum wstate { W_FREE, W_STARTING, W_READY, W_DRAINING };
 
@@ -116,6 +119,11 @@ static struct {
     struct event     *upgrade_ev;   /* owned: watches upgrade_fd */
     struct event     *upgrade_timer; /* owned: o->upgrade_timeout */
     int               upgrades;     /* upgrades asked for (PID_FILE.upgrade) */
+    pid_t             upgrade_ending; /* a refused upgrade's new master, until
+                                       reaped (it holds the listening
+                                       sockets: no upgrade meanwhile); 0 */
+    int               upgrade_killed; /* its process group got SIGKILL */
+    struct event     *upgrade_kill; /* owned: its grace, upgrade_grace() */
     /* this master as an upgrade's new one: */
     struct event     *handover_ev;  /* owned: watches up.fd for the go */
     int               handover_sent; /* 'R' sent: all our workers serve */
@@ -156,6 +164,8 @@ static void reload_abort(const char *why);
 static void announce(void);
 static void upgrade_refused(const char *why);
 static void upgrade_reaped(int status);
+static void upgrade_gone(int status);
+static void upgrade_end(const char *why, int term);
 static void handover_ready(void);
 static void on_term(evutil_socket_t sig, short what, void *arg);
 
@@ -199,6 +209,16 @@ alive(void)
         n += m.w[i].pid != 0;
     }
     return n;
+}
+
+/* A stopping master may exit: its workers are gone, and a refused
+ * upgrade's new master too, or it has been killed (a process the kernel
+ * holds after SIGKILL is not waited for). */
+static int
+stop_done(void)
+{
+    return m.stopping && alive() == 0
+           && (m.upgrade_ending == 0 || m.upgrade_killed);
 }
 
 static void
@@ -908,6 +928,8 @@ on_chld(evutil_socket_t sig, short what, void *arg)
         if (wk == NULL) {
             if (pid == m.upgrade_pid) {
                 upgrade_reaped(status);
+            } else if (pid == m.upgrade_ending) {
+                upgrade_gone(status);
             }
             continue;
         }
@@ -1000,7 +1022,7 @@ on_chld(evutil_socket_t sig, short what, void *arg)
         event_base_loopbreak(gw_loop_base());
         return;
     }
-    if (m.stopping && alive() == 0) {
+    if (stop_done()) {
         event_base_loopbreak(gw_loop_base());
     }
 }
@@ -1030,9 +1052,9 @@ on_term(evutil_socket_t sig, short what, void *arg)
     m.stopping = 1;
     gw_log(GW_LOG_INFO, "master: stopping (draining in-flight requests)");
     if (m.upgrade_pid != 0) {
-        /* its workers serve beside ours, maybe: it stops as we do */
-        kill(m.upgrade_pid, SIGTERM);
-        upgrade_refused("the server was told to stop");
+        /* its workers wait for its go: it stops as we do, and this
+         * master waits until it has ended or been killed */
+        upgrade_end("the server was told to stop", 1);
     }
     if (m.ticket_ev != NULL) {
         event_del(m.ticket_ev);
@@ -1049,7 +1071,7 @@ on_term(evutil_socket_t sig, short what, void *arg)
     tv.tv_sec = (time_t) secs;
     tv.tv_usec = 0;
     evtimer_add(m.stop_timer, &tv);
-    if (alive() == 0) {
+    if (stop_done()) {
         event_base_loopbreak(gw_loop_base());
     }
 }
@@ -1304,6 +1326,105 @@ upgrade_refused(const char *why)
     upgrade_line((int) getpid(), m.upgrades, what);
 }
 
+/* s a refused upgrade's new master has from TERM to SIGKILL */
+static double
+upgrade_grace(void)
+{
+    return m.o->upgrade_timeout < UPGRADE_GRACE ? m.o->upgrade_timeout
+                                                : UPGRADE_GRACE;
+}
+
+/* sig to the new master's process group (the fork made it one of its
+ * own: its workers, whatever a script at the path started, hold the
+ * listening sockets too); to the new master alone if there is none */
+static int
+upgrade_signal(pid_t pid, int sig)
+{
+    if (kill(-pid, sig) == 0) {
+        return 0;
+    }
+    return kill(pid, sig);
+}
+
+/*
+ * Refuses the upgrade in progress (why) and sees its new master end: told
+ * to stop when term (TERM: a paygate stops its workers), and killed with
+ * its process group (SIGKILL) if it has not ended within upgrade_grace()
+ * (it ignores TERM, it is stopped, stuck). Until it is reaped no other
+ * upgrade starts: it holds the listening sockets.
+ */
+static void
+upgrade_end(const char *why, int term)
+{
+    pid_t pid = m.upgrade_pid;
+    double g = upgrade_grace();
+    struct timeval tv;
+
+    upgrade_refused(why);
+    m.upgrade_ending = pid;
+    m.upgrade_killed = 0;
+    tv.tv_sec = (time_t) g;
+    tv.tv_usec = (suseconds_t) ((g - (double) tv.tv_sec) * 1e6);
+    if (m.upgrade_kill == NULL || evtimer_add(m.upgrade_kill, &tv) != 0) {
+        upgrade_signal(pid, SIGKILL);   /* no memory for the grace */
+        m.upgrade_killed = 1;
+        gw_log(GW_LOG_WARN, "upgrade: the new master (pid %d) killed with "
+               "its process group (SIGKILL; no memory for a grace)",
+               (int) pid);
+        return;
+    }
+    if (term) {
+        upgrade_signal(pid, SIGTERM);
+        gw_log(GW_LOG_INFO, "upgrade: the new master (pid %d) told to stop "
+               "(TERM); it and its process group are killed in %g s if it "
+               "has not ended", (int) pid, g);
+    }
+}
+
+/* The grace of upgrade_end is over: its new master still runs. */
+static void
+on_upgrade_kill(evutil_socket_t fd, short what, void *arg)
+{
+    upgrade_signal(m.upgrade_ending, SIGKILL);
+    m.upgrade_killed = 1;
+    gw_log(GW_LOG_WARN, "upgrade: the new master (pid %d) has not ended "
+           "within %g s of the upgrade's refusal; killed it and its process "
+           "group (SIGKILL)", (int) m.upgrade_ending, upgrade_grace());
+    if (stop_done()) {
+        event_base_loopbreak(gw_loop_base());
+    }
+}
+
+/* An upgrade's new master (pid) has been reaped: what is left of its
+ * process group (a script's children, a worker that outlived it) would
+ * hold the listening sockets, and is killed. 1 when there was some. */
+static int
+upgrade_leftovers(pid_t pid)
+{
+    return kill(-pid, SIGKILL) == 0;
+}
+
+/* The refused upgrade's new master has been reaped: another may start. */
+static void
+upgrade_gone(int status)
+{
+    static const struct gw_worker none;    /* not killed for a stall */
+    pid_t pid = m.upgrade_ending;
+    char how[128];
+    int rest;
+
+    describe_exit(&none, status, how, sizeof(how));
+    if (m.upgrade_kill != NULL) {
+        evtimer_del(m.upgrade_kill);
+    }
+    m.upgrade_ending = 0;
+    m.upgrade_killed = 0;
+    rest = upgrade_leftovers(pid);
+    gw_log(GW_LOG_INFO, "upgrade: the refused new master (pid %d) %s%s; an "
+           "upgrade may start again", (int) pid, how,
+           rest ? " (what was left of its process group: killed)" : "");
+}
+
 /* Why the new master (pid) failed, from what it said (n bytes in buf, room
  * for a NUL after them) or else how it ended (status, when reaped; -1
  * when it has not ended yet). */
@@ -1346,6 +1467,10 @@ upgrade_reaped(int status)
     }
     upgrade_reason(pid, buf, n, status, why, sizeof(why));
     upgrade_refused(why);
+    if (upgrade_leftovers(pid)) {
+        gw_log(GW_LOG_INFO, "upgrade: what was left of the new master's "
+               "(pid %d) process group: killed", (int) pid);
+    }
 }
 
 /* The new master's workers all serve ('R'): it is told to go on ('G' and
@@ -1364,8 +1489,7 @@ upgrade_done(void)
 
         snprintf(why, sizeof(why), "the new master (pid %d) went away as "
                  "it was taking over: %s", (int) pid, strerror(errno));
-        kill(pid, SIGTERM);
-        upgrade_refused(why);
+        upgrade_end(why, 1);
         return;
     }
     upgrade_forget();
@@ -1401,9 +1525,9 @@ on_upgrade_msg(evutil_socket_t fd, short what, void *arg)
         return;
     }
     if (n > 1 && buf[0] == 'F') {
-        /* it exits by itself: its reaping finds nothing more to do */
+        /* it exits by itself (killed if it has not within the grace) */
         upgrade_reason(m.upgrade_pid, buf, n, -1, why, sizeof(why));
-        upgrade_refused(why);
+        upgrade_end(why, 0);
         return;
     }
     /* EOF without a word (a crash, an exit before it could say): its
@@ -1421,8 +1545,7 @@ on_upgrade_timeout(evutil_socket_t fd, short what, void *arg)
              "within %g s (upgrade_timeout; a worker loading the app, or "
              "waiting for something it needs: its log lines say what)",
              (int) m.upgrade_pid, m.o->upgrade_timeout);
-    kill(m.upgrade_pid, SIGTERM);   /* it stops its workers gracefully */
-    upgrade_refused(why);
+    upgrade_end(why, 1);            /* it stops its workers gracefully */
 }
 
 /*
@@ -1495,6 +1618,24 @@ on_usr2(evutil_socket_t sig, short what, void *arg)
                                    : "the server is not serving yet");
         return;
     }
+    if (m.upgrade_ending != 0) {
+        /* two new masters would hold the listening sockets: the one that
+         * lingers must not outlive this master unseen */
+        if (m.upgrade_killed) {
+            snprintf(why, sizeof(why), "the new master of the upgrade "
+                     "refused before (pid %d) has not ended yet (killed: "
+                     "the kernel has not let it go); upgrade once it has",
+                     (int) m.upgrade_ending);
+        } else {
+            snprintf(why, sizeof(why), "the new master of the upgrade "
+                     "refused before (pid %d) has not ended yet (it is "
+                     "killed %g s after that refusal at the latest); "
+                     "upgrade once it has", (int) m.upgrade_ending,
+                     upgrade_grace());
+        }
+        upgrade_refused(why);
+        return;
+    }
     if (upgrade_cannot_survive(why, sizeof(why))) {
         upgrade_refused(why);
         return;
@@ -1542,6 +1683,11 @@ on_usr2(evutil_socket_t sig, short what, void *arg)
         }
         sigemptyset(&all);
         sigprocmask(SIG_SETMASK, &all, NULL);
+        /* a process group of its own: if it does not take over, this
+         * master ends it whole (its workers, what a script started), not
+         * only the process it forked; it joins ours once it has taken
+         * over (on_handover) */
+        setpgid(0, 0);
         close(p[0]);
         fcntl(m.listen_fd, F_SETFD, 0);
         if (m.admin_fd >= 0) {
@@ -1559,6 +1705,7 @@ on_usr2(evutil_socket_t sig, short what, void *arg)
         _exit(127);
     }
     close(p[1]);
+    setpgid(pid, pid);      /* as the child does: whichever runs first */
     m.upgrade_pid = pid;
     m.upgrade_fd = p[0];
     tv.tv_sec = (time_t) secs;
@@ -1567,8 +1714,7 @@ on_usr2(evutil_socket_t sig, short what, void *arg)
                              on_upgrade_msg, NULL);
     if (m.upgrade_ev == NULL || event_add(m.upgrade_ev, NULL) != 0
         || evtimer_add(m.upgrade_timer, &tv) != 0) {
-        kill(pid, SIGTERM);
-        upgrade_refused("cannot watch the new master (no memory)");
+        upgrade_end("cannot watch the new master (no memory)", 1);
         return;
     }
     upgrade_line((int) getpid(), m.upgrades, "upgrading");
@@ -1596,6 +1742,30 @@ handover_ready(void)
            m.o->workers == 1 ? "" : "s", (int) up.from);
 }
 
+/* The new master, having taken over: back in the old master's process
+ * group with its workers (the upgrade's fork gave it one of its own, for
+ * the old master to end it whole had it failed), so what signals that
+ * group (a terminal's Ctrl-C, a supervisor) reaches it as before. */
+static void
+handover_rejoin(void)
+{
+    pid_t pg = getpgid(up.from);
+
+    if (pg <= 0 || pg == getpgrp()) {
+        return;     /* gone already, or an old master that made no group */
+    }
+    for (int i = 0; i < MAX_WORKERS; i++) {
+        if (m.w[i].pid != 0) {
+            setpgid(m.w[i].pid, pg);
+        }
+    }
+    if (setpgid(0, pg) != 0) {
+        gw_log(GW_LOG_WARN, "upgrade: cannot join the old master's process "
+               "group %d: %s; this one's is %d", (int) pg, strerror(errno),
+               (int) getpgrp());
+    }
+}
+
 /* The new master: the old one's answer. 'G' (and its reload count): this
  * master owns the pid file now. EOF: it refused (a timeout, a stop) or is
  * gone, and the pid file is not ours: this master stops. */
@@ -1613,6 +1783,9 @@ on_handover(evutil_socket_t fd, short what, void *arg)
         buf[n] = '\0';
         m.reloads_done = atoi(buf + 1);
         done = 1;
+    }
+    if (done) {
+        handover_rejoin();      /* the old master still runs: it drains */
     }
     event_free(m.handover_ev);
     m.handover_ev = NULL;
@@ -1877,6 +2050,7 @@ gw_master_main(struct gw_opts *o, const struct gw_opts *file,
     m.reload_timer = evtimer_new(gw_loop_base(), on_reload_timeout, NULL);
     m.stop_timer = evtimer_new(gw_loop_base(), on_stop_deadline, NULL);
     m.upgrade_timer = evtimer_new(gw_loop_base(), on_upgrade_timeout, NULL);
+    m.upgrade_kill = evtimer_new(gw_loop_base(), on_upgrade_kill, NULL);
     if (up.fd >= 0) {
         /* the old master's go, or its EOF (it gave up, or is gone) */
         m.handover_ev = event_new(gw_loop_base(), up.fd, EV_READ,
