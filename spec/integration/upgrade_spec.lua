@@ -388,6 +388,33 @@ describe("paygate upgrade", function()
     assert.equal(tostring(s.pid), assert(s:request("/who")).body)
     assert.is_nil(s.proc:poll())
     s:stop()
+    -- a wrapper shell that runs the binary as its child (no exec: the
+    -- shell is the service's main process, and exits with the master)
+    proc.write(wrapper, "#!/bin/sh\nexport SYSTEMD_EXEC_PID=$$ "
+                        .. "INVOCATION_ID=0f\n" .. proc.sh_quote(bin)
+                        .. ' "$@"\n')
+    -- (the master is the shell's child: its pid is not the one started)
+    s = server.start{ source = WHO, bin = wrapper, wait = false }
+    local master
+    proc.wait_until(function()
+      master = tonumber(proc.read(s.pid_file) or "")
+      local res = master and s:request("/who")
+      return res and res.body == tostring(master)
+    end, 15, "paygate to serve as the shell's child")
+    assert.are_not.equal(s.pid, master)
+    local g = proc.guard(master)
+    code, said = upgrade(s, bin)
+    assert.equal(1, code, said)
+    assert.matches("refused: this master is the main process of a systemd "
+                   .. "service %(through the shell that started it", said)
+    assert.equal(tostring(master), assert(s:request("/who")).body)
+    -- (a TERM to the shell would not reach its child: the master is
+    -- stopped itself)
+    proc.kill_pid(master, proc.SIGTERM)
+    proc.wait_until(function() return not proc.running(master) end, 20,
+                    "the master to stop")
+    g:cancel()
+    s:stop()
     -- one a process of a service started (a shell of a terminal that a
     -- systemd user service runs): it upgrades
     proc.write(wrapper, "#!/bin/sh\nSYSTEMD_EXEC_PID=1 INVOCATION_ID=0f "

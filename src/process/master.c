@@ -1552,7 +1552,7 @@ on_upgrade_timeout(evutil_socket_t fd, short what, void *arg)
  * Whether this master's exit would end the server whatever the new master
  * does, so an upgrade cannot survive: it is PID 1 (a container's init:
  * the kernel kills every process of the container when it exits), or the
- * process a systemd service started (SYSTEMD_EXEC_PID, systemd 248 on;
+ * process a systemd service started or its child (SYSTEMD_EXEC_PID, systemd 248 on;
  * before it, INVOCATION_ID with systemd as the parent): its main process,
  * whose exit systemd takes for the service's end, stopping the rest of
  * its cgroup, the new master with it. Says why in why; 0 when not.
@@ -1570,13 +1570,20 @@ upgrade_cannot_survive(char *why, size_t len)
                  "new master with it; %s of the container", fix);
         return 1;
     }
-    if ((exec_pid != NULL && atoi(exec_pid) == (int) getpid())
+    /* (or its child: ExecStart a shell that runs paygate without exec,
+     * sh -c "cd /srv; paygate run ...": the shell is the main process, and
+     * exits when this master does) */
+    if ((exec_pid != NULL && (atoi(exec_pid) == (int) getpid()
+                              || atoi(exec_pid) == (int) getppid()))
         || (exec_pid == NULL && getenv("INVOCATION_ID") != NULL
             && getppid() == 1)) {
+        int child = exec_pid != NULL
+                    && atoi(exec_pid) == (int) getppid();
         snprintf(why, len, "this master is the main process of a systemd "
-                 "service: systemd takes its exit for the service's end "
+                 "service%s: systemd takes its exit for the service's end "
                  "and stops the new master with it; %s (systemctl restart)",
-                 fix);
+                 child ? " (through the shell that started it, which ends "
+                 "with it)" : "", fix);
         return 1;
     }
     return 0;
