@@ -857,10 +857,14 @@ function Sim:client_config(m, over)
 end
 
 --- syntax: wx = sim:client([merchant[, over]])
--- returns: a paygate.wechatpay client for it (raises if it cannot be made).
+-- returns: a paygate.wechatpay client for it (raises if it cannot be made),
+-- at log_level "warn" unless over names one: its info lines (a platform
+-- certificate added) would show on the spec's stderr, as if the app's.
 function Sim:client(m, over)
   local wechatpay = require "paygate.wechatpay"
-  local wx, err = wechatpay.client(self:client_config(m, over))
+  local conf = self:client_config(m, over)
+  if over == nil or over.log_level == nil then conf.log_level = "warn" end
+  local wx, err = wechatpay.client(conf)
   if not wx then error("testing: wechatpay.client: " .. tostring(err), 2) end
   return wx
 end

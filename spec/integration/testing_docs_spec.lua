@@ -2,7 +2,9 @@
 -- (myapp/app.lua) and its spec (spec/notify_spec.lua) are taken from the
 -- page's code blocks, written to a fresh folder, and the spec is run there
 -- with `paygate exec busted`, as a user would. The page cannot drift from
--- what works.
+-- what works. Nor does the run print a log line of the kit's own: the
+-- spec's output is the spec's (sim:order's client logged its platform
+-- certificate, at info, as if the app had).
 local proc = require "support.proc"
 local servers = require "spec.support.servers"
 
@@ -33,5 +35,6 @@ describe("docs/testing.md", function()
       dir, bin }, { timeout = 120 })
     assert.equal(0, code, out)
     assert.matches("1 success / 0 failures / 0 errors", out)
+    assert.falsy(out:find('"level":"info"', 1, true), out)
   end)
 end)

@@ -599,6 +599,21 @@ end)]] }
     assert.equal(204, d.last.status)
   end)
 
+  -- (docs/testing.md's run checks the spec's output holds no info line)
+  it("makes its own clients warn-only, not the app's configuration",
+     function()
+    assert.is_nil(sim:client_config().log_level)
+    local wx = sim:client()
+    wx:stop()
+    assert.equal("warn", wx.conf.log_level)
+    wx = sim:client(nil, { log_level = "info" })
+    wx:stop()
+    assert.equal("info", wx.conf.log_level)
+    wx = sim:client(nil, { log_level = false })      -- the runtime's level
+    wx:stop()
+    assert.is_nil(wx.conf.log_level)
+  end)
+
   it("raises with what the app answered when it never acknowledges",
      function()
     local no = sim:order{ notify_url = app:url("/fail") }

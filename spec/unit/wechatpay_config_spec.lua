@@ -395,6 +395,32 @@ describe("wechatpay.client configuration", function()
     assert.matches("an RSA merchant leaves sign_type out", err.message, 1,
                    true)
   end)
+  -- the test kit's clients at "warn": their info lines showed on a
+  -- spec's stderr as if the app under test had logged them
+  it("log_level: the client's own lines below it are not logged",
+     function()
+    local paygate = require "paygate"
+    local real, said = paygate.log, {}
+    local fake = {}
+    for _, l in ipairs({ "debug", "info", "warn", "error" }) do
+      fake[l] = function(msg) said[#said + 1] = l .. " " .. msg end
+    end
+    paygate.log = fake
+    finally(function() paygate.log = real end)
+    local wx = assert(wechatpay.client(base{ log_level = "warn" }))
+    wx:stop()
+    local log = config.logger(wx.conf)
+    log.debug("a") log.info("b") log.warn("c") log.error("d")
+    assert.same({ "warn c", "error d" }, said)
+    -- none given: paygate.log itself, the runtime's --log-level alone
+    wx = assert(wechatpay.client(base()))
+    wx:stop()
+    assert.equal(fake, config.logger(wx.conf))
+    paygate.log = real
+    refused({ log_level = "quiet" }, "log_level",
+            'must be "debug", "info", "warn" or "error"')
+    refused({ log_level = 2 }, "log_level")
+  end)
   it("appids / sp_appids list the other appids a client may name",
      function()
     -- an official account's appid (the default) and an App's

@@ -27,6 +27,7 @@ local errors = require "paygate.wechatpay.errors"
 local verify = require "paygate.wechatpay.verify"
 local resource = require "paygate.wechatpay.resource"
 local clock = require "paygate.wechatpay.clock"
+local config = require "paygate.wechatpay.config"
 
 local type, tostring, ipairs, pairs, pcall, next =
       type, tostring, ipairs, pairs, pcall, next
@@ -36,8 +37,9 @@ local _M = {}
 
 local acceptable          -- defined below
 
-local function log()
-  return require("paygate").log
+-- the client's log (its log_level applied)
+local function log(wx)
+  return config.logger(wx.conf)
 end
 
 -- The instance-wide dict (paygate.shared) named name, or nil, reason
@@ -169,7 +171,7 @@ function _M.load_state(wx)
   f:close()
   local chain = pem and pem ~= "" and x509.chain(pem)
   if not chain then
-    log().warn("wechatpay: unreadable certificate state file, ignored",
+    log(wx).warn("wechatpay: unreadable certificate state file, ignored",
                { path = state_path(wx) })
     return 0
   end
@@ -356,7 +358,7 @@ local function download(wx)
   if #list == 0 and #skipped > 0 then
     -- nothing this client can use: said now, not only as an
     -- unknown_serial on the next answer signed with one of them
-    log().warn("wechatpay: /v3/certificates brought no certificate this "
+    log(wx).warn("wechatpay: /v3/certificates brought no certificate this "
       .. "client can use (sign_type " .. tostring(wx.conf.signer.schema)
       .. " needs " .. (wx.conf.sm and "SM2" or "RSA") .. " keys, valid "
       .. "now): skipped " .. table.concat(skipped, ", ", 1,
@@ -404,7 +406,7 @@ local function download(wx)
       local serial = cert:serial()
       if not wx.dict or wx.dict:add(wx.certs_prefix .. "added:" .. serial,
                                     true, cert:not_after() - now) then
-        log().info("wechatpay: platform certificate " .. serial
+        log(wx).info("wechatpay: platform certificate " .. serial
           .. " added (valid from " .. utc(cert:not_before()) .. " to "
           .. utc(cert:not_after()) .. "), " .. held .. " in the ring",
           { mchid = wx.conf.mchid })
@@ -416,7 +418,7 @@ local function download(wx)
     -- which merchant, and the config key to fix (the owner's name for it:
     -- merchants[N].state_dir in the gateway); paygate doctor checks it
     local c = wx.conf
-    log().warn("wechatpay: cannot save the platform certificates of "
+    log(wx).warn("wechatpay: cannot save the platform certificates of "
       .. "merchant " .. c.mchid .. " in " .. c.key_names.state_dir .. " ("
       .. tostring(c.state_dir) .. "): a restart while WeChat Pay is "
       .. "unreachable will not find them", { mchid = c.mchid,
@@ -521,13 +523,13 @@ function _M.report(wx, now)
         wx.gauge_serial = st.newest
       elseif not wx.gauge_warned then
         wx.gauge_warned = true
-        log().warn("wechatpay: cannot publish the certificate metric",
+        log(wx).warn("wechatpay: cannot publish the certificate metric",
                    { mchid = mchid, error = tostring(err) })
       end
     end
   end
   if st.days_left and st.days_left < _M.WARN_DAYS then
-    log().warn("wechatpay: the newest platform certificate expires soon",
+    log(wx).warn("wechatpay: the newest platform certificate expires soon",
                { mchid = wx.conf.mchid, serial = st.newest,
                  days_left = math.floor(st.days_left) })
   end
@@ -773,7 +775,7 @@ function _M.refresh_locked(wx, reason)
     wx.dl.failures = (wx.dl.failures or 0) + 1
   end
   if type(failures) == "number" and failures > 0 then
-    log().info("wechatpay: platform certificates downloaded again after "
+    log(wx).info("wechatpay: platform certificates downloaded again after "
       .. failures .. (failures == 1 and " failure" or " failures"),
       { mchid = c.mchid })
   end
@@ -898,11 +900,11 @@ function _M.start(wx)
       return nil, err
     end
     if not ok and err.kind == "timeout" and wx.dl.busy then
-      log().warn("wechatpay: platform certificate download not done within "
+      log(wx).warn("wechatpay: platform certificate download not done within "
                  .. "startup_timeout; it goes on in the background",
                  { mchid = c.mchid, startup_timeout = c.startup_timeout })
     elseif not ok then
-      log().warn("wechatpay: platform certificate download failed; retrying "
+      log(wx).warn("wechatpay: platform certificate download failed; retrying "
                  .. "in the background", { mchid = c.mchid, error = tostring(err) })
     end
   end
@@ -914,7 +916,7 @@ function _M.start(wx)
       -- the background, not a refresh_interval later
       local ok, err = _M.refresh(wx, "start")
       if not ok then
-        log().warn("wechatpay: platform certificate download failed",
+        log(wx).warn("wechatpay: platform certificate download failed",
                    { mchid = c.mchid, error = tostring(err) })
       end
     elseif next(wx.certs) == nil then
@@ -924,11 +926,11 @@ function _M.start(wx)
         local ok, err = _M.refresh(wx, "start")
         if not ok then
           if err.kind == "invalid_config" then
-            log().error("wechatpay: " .. err.message, { mchid = c.mchid })
+            log(wx).error("wechatpay: " .. err.message, { mchid = c.mchid })
             if c.mode == "certificate" then wx.config_error = err end
             return
           end
-          log().warn("wechatpay: platform certificate download failed",
+          log(wx).warn("wechatpay: platform certificate download failed",
                      { mchid = c.mchid, error = tostring(err) })
           backoff = math.min(backoff * 2, c.refresh_interval)
         end
@@ -938,7 +940,7 @@ function _M.start(wx)
       core.sleep(c.refresh_interval * (0.9 + 0.2 * math.random()))
       local ok, err = _M.refresh(wx, "timer")
       if not ok then
-        log().warn("wechatpay: platform certificate refresh failed",
+        log(wx).warn("wechatpay: platform certificate refresh failed",
                    { mchid = c.mchid, error = tostring(err) })
       end
     end

@@ -53,7 +53,7 @@ local function warn(wx, skew, now)
   end
   wx.clock_warn_next = now + _M.WARN_EVERY
   local s = math.floor((skew < 0 and -skew or skew) + 0.5)
-  require("paygate").log.warn(("wechatpay: this host's clock is %d s %s "
+  require("paygate.wechatpay.config").logger(c).warn(("wechatpay: this host's clock is %d s %s "
     .. "WeChat Pay's (the Wechatpay-Timestamp of its signed answers): sync "
     .. "it (NTP); at %d s off WeChat refuses every request (401 "
     .. "SIGN_ERROR) and this side refuses WeChat's answers and "

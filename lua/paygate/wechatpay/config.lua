@@ -15,6 +15,9 @@ local min, max = math.min, math.max
 
 local _M = {}
 
+-- The levels log_level takes, paygate.log's names and the runtime's order
+local LOG_LEVELS = { debug = 0, info = 1, warn = 2, error = 3 }
+
 _M.DEFAULT_BASE_URL = "https://api.mch.weixin.qq.com"
 _M.DEFAULT_BACKUP_URL = "https://api2.mch.weixin.qq.com"
 
@@ -231,7 +234,7 @@ for k in ([[mchid sp_mchid appid sp_appid appids sp_appids merchant_private_key
     startup_timeout latency_window timeout_samples breaker_window
     breaker_min_calls breaker_open_for breaker_failure_ratio timeout_floor
     timeout_ceiling adaptive_timeout breaker degraded on_call shared_dict
-    replay_dict key_names]]):gmatch("%S+") do
+    replay_dict key_names log_level]]):gmatch("%S+") do
   KNOWN[k] = true
 end
 _M.KNOWN = KNOWN
@@ -312,7 +315,8 @@ end
 --   the default choice, certs.init), user_agent; degraded (nil when not
 --   given), adaptive_timeout, timeout_floor, timeout_ceiling,
 --   timeout_samples, latency_window, breaker, breaker_window,
---   breaker_min_calls, breaker_failure_ratio, breaker_open_for; on_call.
+--   breaker_min_calls, breaker_failure_ratio, breaker_open_for; on_call;
+--   log_level (nil: the runtime's alone; config.logger applies it).
 function _M.check(conf)
   if type(conf) ~= "table" then
     return bad("conf", "the configuration must be a table (got "
@@ -724,7 +728,29 @@ function _M.check(conf)
     return bad("replay_dict", "must be the name of a paygate.shared dict")
   end
   c.replay_dict = conf.replay_dict
+  -- log_level: this client's own lines below it are not logged (the
+  -- test kit's clients say warnings only: a spec's output is the spec's)
+  if conf.log_level ~= nil and not LOG_LEVELS[conf.log_level] then
+    return bad("log_level", 'must be "debug", "info", "warn" or "error"')
+  end
+  c.log_level = conf.log_level
   return c
+end
+
+--- syntax: log = config.logger(c)
+-- The log of the client whose checked configuration is c: paygate.log,
+-- but for the lines below c.log_level, which do nothing (the runtime's
+-- --log-level applies as well). Every line of the client goes through it.
+function _M.logger(c)
+  local log = require("paygate").log
+  local least = LOG_LEVELS[c.log_level]
+  if not least then return log end
+  local quiet = function() end
+  local l = {}
+  for name, n in pairs(LOG_LEVELS) do
+    l[name] = n >= least and log[name] or quiet
+  end
+  return l
 end
 
 return _M

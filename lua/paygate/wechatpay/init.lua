@@ -57,7 +57,7 @@ local function warn_merchant_expiry(cfg)
   if left >= MERCHANT_WARN_DAYS * 86400 then return end
   local fields = { mchid = cfg.mchid, serial = cfg.merchant_serial,
                    not_after = os.date("!%Y-%m-%dT%H:%M:%SZ", na) }
-  local log = require("paygate").log
+  local log = config.logger(cfg)
   if left <= 0 then
     log.warn("wechatpay: the merchant_certificate has expired: WeChat Pay"
       .. " refuses requests signed under it (401 SIGN_ERROR); renew the"
@@ -83,7 +83,7 @@ local function warn_replay_dict(wx)
     return
   end
   replay_said[wx.replay_dict_name] = true
-  require("paygate").log.warn("wechatpay: the notification replay cache "
+  config.logger(c).warn("wechatpay: the notification replay cache "
     .. "shares the " .. wx.replay_dict_name .. " dictionary (no "
     .. "wechatpay_replay dictionary is configured): other entries there "
     .. "can evict its records, and a replayed notification whose record "

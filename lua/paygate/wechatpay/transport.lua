@@ -244,7 +244,8 @@ tell = function(wx, method, path, body, res, err, started)
   end
   local ok, herr = pcall(wx.conf.on_call, rec)
   if not ok then
-    require("paygate").log.error("wechatpay: on_call raised", {
+    require("paygate.wechatpay.config").logger(wx.conf).error(
+      "wechatpay: on_call raised", {
       error = tostring(herr):sub(1, 300) })
   end
 end

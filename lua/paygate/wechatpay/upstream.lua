@@ -29,8 +29,8 @@
 --                 the time of each call that made an attempt
 local core = require "paygate.core"
 local metrics = require "paygate.metrics"
-local json = require "paygate.json"
 local errors = require "paygate.wechatpay.errors"
+local config = require "paygate.wechatpay.config"
 
 local type, tostring, tonumber, floor, ceil, min, max, sort =
       type, tostring, tonumber, math.floor, math.ceil, math.min, math.max,
@@ -395,8 +395,8 @@ local function open(wx, ep, ks, d, now)
   d:set(ks.s, "open")
   d:delete(ks.p)
   register(wx, ep)               -- (listed while open, evicted or not)
-  core.log(2, "wechatpay: circuit opened", json.encode({ endpoint = ep,
-    mchid = wx.conf.mchid, open_for = wx.conf.breaker_open_for }))
+  config.logger(wx.conf).warn("wechatpay: circuit opened", { endpoint = ep,
+    mchid = wx.conf.mchid, open_for = wx.conf.breaker_open_for })
 end
 
 --- syntax: upstream.record(wx, ep, failed, probe) -- an attempt's result
@@ -415,8 +415,8 @@ function _M.record(wx, ep, failed, probe)
                            "c" .. (b - 1), "f" .. (b - 1) }) do
         d:delete(k .. x)
       end
-      core.log(1, "wechatpay: circuit closed", json.encode({
-        endpoint = ep, mchid = wx.conf.mchid }))
+      config.logger(wx.conf).info("wechatpay: circuit closed", {
+        endpoint = ep, mchid = wx.conf.mchid })
     end
     return
   end
