@@ -255,6 +255,53 @@ describe("paygate CLI", function()
     end
   end)
 
+  it("a command given something it cannot use says what, pointing at"
+     .. " --help as well; one whose input cannot be read says why alone",
+     function()
+    -- (common.usage_error adds the pointer; each command said it or not
+    -- as it was written: "--user needs --password-env VAR", "X is not a
+    -- JSON object", "--json takes no value" said nothing of --help)
+    local dir = server.tmpdir()
+    finally(function() os.execute("rm -rf " .. dir) end)
+    proc.write(dir .. "/key", ("k"):rep(32))
+    proc.write(dir .. "/kek", ("ab"):rep(32))
+    proc.write(dir .. "/brace", "{ not json")
+    proc.write(dir .. "/text", "not json")
+    for args, want in pairs({
+      [{ "etcd", "show", "--prefix", "/p/", "--kek-file", dir .. "/kek",
+         "--endpoints", "https://127.0.0.1:1", "--user", "u" }] =
+        "paygate etcd: --user needs --password-env VAR",
+      [{ "decrypt", "--apiv3-key-file", dir .. "/key", "--resource",
+         dir .. "/text" }] = "paygate decrypt: " .. dir
+        .. "/text is not a JSON object",
+      [{ "verify", "--body", dir .. "/text", "--headers", dir .. "/brace",
+         "--certificate", dir .. "/text" }] = "paygate verify: " .. dir
+        .. "/brace is not a JSON object",
+      [{ "sign", "--json=yes" }] = "paygate sign: --json takes no value",
+      [{ "sign", "--method", "G T", "--url", "/v3/x", "--mchid", "1",
+         "--serial", "AB", "--key",
+         "spec/fixtures/wechatpay/a3_merchant_key.pem" }] =
+        "paygate sign: --method must be a method name",
+      [{ "apikey", "list", "--db", "sqlite:" .. dir .. "/x.db", "--app",
+         "a b" }] = "paygate apikey: --app must be 1..64 of",
+      [{ "backup", "redis://x", dir .. "/b" }] =
+        "paygate backup: SQLITE_URL must be sqlite:PATH, not redis://x",
+    }) do
+      local code, out = run(args)
+      assert.equal(2, code, out)
+      assert.equal(want, out:sub(1, #want), out)
+      assert.equal(" (see --help)\n", out:sub(-14), out)
+      assert.equal(1, select(2, out:gsub("\n", "")), out)
+    end
+    -- a file or store that fails: its reason is the whole line
+    local code, out = run({ "decrypt", "--apiv3-key-file", dir .. "/none",
+                            "--resource", dir .. "/text" })
+    assert.equal(2, code, out)
+    assert.matches("^paygate decrypt: %-%-apiv3%-key%-file is not a readable"
+                   .. " file %(value not shown%): [^\n]+\n$", out)
+    assert.falsy(out:find("--help", 1, true), out)
+  end)
+
   it("version names the commit the binary was built from", function()
     local code, out = run({ "version" })
     assert.equal(0, code, out)

@@ -42,7 +42,7 @@ local SPEC = { ["--db"] = "value", ["--app"] = "value", ["--key"] = "value",
 
 local function open(o)
   if not o["--db"] then
-    common.usage_error("--db URL is required (see --help)")
+    common.usage_error("--db URL is required")
   end
   -- the keys belong in the gateway's store: never in a new empty file
   common.sqlite_must_exist(o["--db"])
@@ -75,10 +75,10 @@ local function main(args)
   local o, pos = common.parse(args, SPEC)
   local cmd = pos[1]
   if cmd ~= "create" and cmd ~= "list" and cmd ~= "revoke" then
-    common.usage_error("give create, list or revoke (see --help)")
+    common.usage_error("give create, list or revoke")
   end
   if #pos > 1 then
-    common.usage_error("argument %d is unexpected (see --help)", pos.at[2])
+    common.usage_error("argument %d is unexpected", pos.at[2])
   end
   -- an option of another subcommand is refused, not dropped (list --key K
   -- listed every key, revoke --json printed text)

@@ -45,11 +45,11 @@ local one_line = common.one_line
 local function main(args)
   local opts, pos = common.parse(args, SPEC)
   if pos[1] ~= "verify" then
-    common.usage_error("expected the command verify (see --help)")
+    common.usage_error("expected the command verify")
   end
   local url = pos[2]
   if not url or pos[3] then
-    common.usage_error("verify takes one DB_URL (see --help)")
+    common.usage_error("verify takes one DB_URL")
   end
   -- (sql.open creates a missing SQLite file: a verifier must not)
   local db = common.open_existing(url, "DB_URL")
@@ -89,7 +89,7 @@ local function main(args)
   end
   db:close()
   if good == nil then
-    common.usage_error("cannot read the audit trail: %s", one_line(err))
+    common.input_error("cannot read the audit trail: %s", one_line(err))
   end
   if summary.tables == false then
     common.usage_error("no audit trail in %s (no paygate_audit table)",

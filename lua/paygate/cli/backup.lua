@@ -68,7 +68,7 @@ local function main(args)
   local opts, pos = common.parse(args, SPEC)
   local url, dest = pos[1], pos[2]
   if not dest or pos[3] then
-    common.usage_error("backup takes SQLITE_URL and DEST (see --help)")
+    common.usage_error("backup takes SQLITE_URL and DEST")
   end
   if url:match("^postgres") then
     -- the command to run instead, under umask 077 (in a subshell: the
@@ -91,10 +91,10 @@ local function main(args)
   common.sqlite_must_exist(url)
   local kind = core.file_type(dest)
   if kind == "directory" then
-    common.usage_error("DEST %s is a folder: give the backup file's name",
+    common.input_error("DEST %s is a folder: give the backup file's name",
                        common.shown(dest))
   elseif kind and not opts["--force"] then
-    common.usage_error("DEST %s exists: give another name, or --force to "
+    common.input_error("DEST %s exists: give another name, or --force to "
                        .. "replace it", common.shown(dest))
   end
   local t0 = core.mono()

@@ -201,7 +201,7 @@ local function download(o, out)
   for _, k in ipairs({ "--mchid", "--key", "--serial", "--apiv3-key-file",
                        "--out" }) do
     if not o[k] then
-      common.usage_error("--download needs %s (see --help)", k)
+      common.usage_error("--download needs %s", k)
     end
   end
   local apiv3 = common.read_apiv3_key_file(o["--apiv3-key-file"],
@@ -263,7 +263,7 @@ local function download(o, out)
   local made, merr = core.mkdir_p(o["--out"])
   if not made then
     wx:stop()
-    common.usage_error("--out: %s", merr.message)
+    common.input_error("--out: %s", merr.message)
   end
   local written = 0
   local now = core.time()
@@ -272,7 +272,7 @@ local function download(o, out)
     local wok, werr = core.write_file(path, cert:pem(), 420)   -- 0644
     if not wok then
       wx:stop()
-      common.usage_error("cannot write %s (%s)", path, tostring(werr))
+      common.input_error("cannot write %s (%s)", path, tostring(werr))
     end
     written = written + 1
     list_cert(out, { cert = cert, file = path }, now)
@@ -291,7 +291,7 @@ local function main(args)
   local out = common.output(o["--json"])
   if o["--download"] then return download(o, out) end
   if #paths == 0 then
-    common.usage_error("give files or directories (see --help)")
+    common.usage_error("give files or directories")
   end
   local now = core.time()
   local n = 0

@@ -16,10 +16,33 @@ local _M = {}
 local USAGE = {}        -- marks a usage error raised through error()
 
 --- syntax: common.usage_error(fmt, ...) -- raises; run() exits 2 with it
+-- The command line is wrong: an option or argument missing, malformed,
+-- at odds with another, or naming a file that is not what it takes. The
+-- line ends with where to read more, " (see --help)", unless it says so
+-- itself: in its own parenthesis ("(the app the key is for; see
+-- --help)"), or naming a page of docs/. Every command's usage errors end
+-- alike, said here once.
 function _M.usage_error(fmt, ...)
-  error(setmetatable({ msg = fmt:format(...) }, USAGE), 0)
+  local msg = fmt:format(...)
+  if not msg:find("; see --help)", 1, true)
+     and not msg:find("[ (]docs/[%w_]+%.md") then
+    msg = msg .. " (see --help)"
+  end
+  error(setmetatable({ msg = msg }, USAGE), 0)
 end
 local usage_error = _M.usage_error
+
+--- syntax: common.input_error(fmt, ...) -- raises; run() exits 2 with it
+-- What the command line names cannot be used as things stand, through
+-- no fault of the line's form: a file that cannot be read or written, is
+-- missing or a folder, or is there already (without --force); a store
+-- that does not open or read, or is in use; a config file that does not
+-- load; a key file that holds something else, named with the fix. The
+-- message says why and what to do; --help would not say more.
+function _M.input_error(fmt, ...)
+  error(setmetatable({ msg = fmt:format(...) }, USAGE), 0)
+end
+local input_error = _M.input_error
 
 --- syntax: path = common.sqlite_missing(url)
 -- returns: the file a sqlite: URL names when it does not exist (sql.open
@@ -46,7 +69,7 @@ function _M.sqlite_must_exist(url)
   if path == "" then
     usage_error("the sqlite: URL names no file (sqlite:PATH)")
   elseif path then
-    usage_error("no database file %s (check the path: the store is made "
+    input_error("no database file %s (check the path: the store is made "
                 .. "by the app that owns it, e.g. the gateway at its first "
                 .. "start)", path)
   end
@@ -101,7 +124,7 @@ function _M.open_existing(url, name)
     usage_error("bad %s %s: %s", name, redact(url), _M.one_line(db))
   end
   if not db then
-    usage_error("cannot open %s: %s", redact(url), _M.one_line(err))
+    input_error("cannot open %s: %s", redact(url), _M.one_line(err))
   end
   return db
 end
@@ -122,10 +145,9 @@ function _M.parse(args, spec)
       -- its name only: "--apiv3-key=<the key>" or a pasted PEM must not
       -- come back in the message
       if name:match("^%-%-?[%w][%w-]*$") and #name <= 40 then
-        usage_error("unknown option %s (see --help)", name)
+        usage_error("unknown option %s", name)
       end
-      usage_error("argument %d is not an option this command knows (see "
-                  .. "--help)", i)
+      usage_error("argument %d is not an option this command knows", i)
     elseif not kind then
       pos[#pos + 1] = a
       pos.at[#pos] = i
@@ -137,7 +159,7 @@ function _M.parse(args, spec)
       if not v then
         i = i + 1
         v = args[i]
-        if v == nil then usage_error("%s needs a value (see --help)", name) end
+        if v == nil then usage_error("%s needs a value", name) end
       end
       if kind == "list" then
         opts[name] = opts[name] or {}
@@ -163,7 +185,7 @@ function _M.only(opts, cmd, allowed)
   end
   if names[1] then
     table.sort(names)
-    usage_error("%s takes no %s (see --help)", cmd, names[1])
+    usage_error("%s takes no %s", cmd, names[1])
   end
 end
 
@@ -193,13 +215,13 @@ end
 function _M.read(path, what)
   local f, err = io.open(path, "rb")
   if not f then
-    usage_error("cannot read %s %s: %s", what, _M.shown(path),
+    input_error("cannot read %s %s: %s", what, _M.shown(path),
                 reason(path, err))
   end
   local s, rerr = f:read("*a")
   f:close()
   if s == nil then        -- a folder opens, and then reads nothing
-    usage_error("cannot read %s %s: %s", what, _M.shown(path),
+    input_error("cannot read %s %s: %s", what, _M.shown(path),
                 reason(path, rerr or "cannot read"))
   end
   return s
@@ -218,7 +240,7 @@ function _M.read_secret(path, option)
     f:close()
   end
   if s == nil then
-    usage_error("%s is not a readable file (value not shown): %s", option,
+    input_error("%s is not a readable file (value not shown): %s", option,
                 reason(path, err or "cannot read"))
   end
   return s
@@ -272,7 +294,7 @@ function _M.private_key_file(path, option)
     why = "it does not load as a private key ("
           .. tostring(ok and kerr and kerr.kind or "malformed") .. ")"
   end
-  usage_error("%s %s: %s", option, _M.shown(path), why)
+  input_error("%s %s: %s", option, _M.shown(path), why)
 end
 
 --- syntax: key = common.read_apiv3_key_file(path, option)

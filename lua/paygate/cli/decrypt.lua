@@ -43,11 +43,10 @@ local SPEC = {
 local function main(args)
   local o = common.parse_options(args, SPEC)
   if not o["--apiv3-key-file"] then
-    common.usage_error("--apiv3-key-file is required (see --help)")
+    common.usage_error("--apiv3-key-file is required")
   end
   if (o["--resource"] == nil) == (o["--notification"] == nil) then
-    common.usage_error("give one of --resource FILE, --notification FILE "
-                       .. "(see --help)")
+    common.usage_error("give one of --resource FILE, --notification FILE")
   end
   local out = common.output(o["--json"])
   local key = common.read_apiv3_key_file(o["--apiv3-key-file"],

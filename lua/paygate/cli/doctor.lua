@@ -147,13 +147,13 @@ local function load_config(path)
   common.read(path, "config")
   local chunk, err = loadfile(path)
   if not chunk then
-    common.usage_error("cannot load %s: %s", path,
+    common.input_error("cannot load %s: %s", path,
                        require("paygate.redact").load_error(err))
   end
   local ok, conf = pcall(chunk)
-  if not ok then common.usage_error("%s raised: %s", path, tostring(conf)) end
+  if not ok then common.input_error("%s raised: %s", path, tostring(conf)) end
   if type(conf) ~= "table" then
-    common.usage_error("%s must return a table", path)
+    common.input_error("%s must return a table", path)
   end
   return conf
 end
@@ -172,7 +172,7 @@ local function from_gateway(conf, pick)
   local list, g = conf.merchants, conf.gateway
   if type(g) ~= "table" then g = {} end
   if type(list) ~= "table" or type(list[1]) ~= "table" then
-    common.usage_error("the gateway config has no merchants list")
+    common.input_error("the gateway config has no merchants list")
   end
   local m, at
   for i, cand in ipairs(list) do
@@ -225,7 +225,7 @@ local function from_gateway(conf, pick)
                                   or m.apiv3_key_file == "") then
     -- no path at all: the gateway's words, not a missing file's (an empty
     -- one was read as a file named "" and "No such file or directory")
-    common.usage_error("config.%sapiv3_key_file: must be a file path", where)
+    common.input_error("config.%sapiv3_key_file: must be a file path", where)
   elseif type(m.apiv3_key_file) == "string" then
     wc.apiv3_key = key_file(m.apiv3_key_file, where .. "apiv3_key_file")
   elseif type(m.apiv3_key_env) == "string" then
@@ -240,7 +240,7 @@ local function from_gateway(conf, pick)
     for j, path in ipairs(m.previous_apiv3_key_files) do
       local k = where .. "previous_apiv3_key_files[" .. j .. "]"
       if type(path) ~= "string" then
-        common.usage_error("config.%s: must be a file path", k)
+        common.input_error("config.%s: must be a file path", k)
       end
       keys[#keys + 1] = key_file(path, k)
       prev_at[#keys] = j
@@ -2084,7 +2084,7 @@ end
 local function main(args)
   local o = common.parse_options(args, SPEC)
   if not o["--config"] then
-    common.usage_error("--config FILE is required (see --help)")
+    common.usage_error("--config FILE is required")
   end
   local conf = load_config(o["--config"])
   local out = common.output(o["--json"])

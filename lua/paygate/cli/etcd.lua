@@ -75,7 +75,7 @@ end
 
 local function client(o)
   if not o["--endpoints"] then
-    common.usage_error("--endpoints is required (see --help)")
+    common.usage_error("--endpoints is required")
   end
   local eps = {}
   for u in o["--endpoints"]:gmatch("[^,%s]+") do eps[#eps + 1] = u end
@@ -120,7 +120,7 @@ end
 local function prefix(o)
   local p = o["--prefix"]
   if p == nil then
-    common.usage_error("--prefix PREFIX is required (see --help)")
+    common.usage_error("--prefix PREFIX is required")
   end
   if type(p) ~= "string" or p:sub(1, 1) ~= "/" then
     common.usage_error("--prefix must be an etcd prefix: /.../")
@@ -133,7 +133,7 @@ local function publish(o)
   local p, k = prefix(o), kek(o)
   local dir = o["--dir"]
   if not dir then
-    common.usage_error("--dir DIR is required (see --help)")
+    common.usage_error("--dir DIR is required")
   end
   local kind = o["--tls"] and "tls" or "merchant"
   local spec = kind == "tls" and credentials.TLS_FILES
@@ -386,10 +386,10 @@ local function main(args)
   -- delete's one argument is the key
   local nargs = cmd == "delete" and 2 or 1
   if cmd == "delete" and not pos[2] then
-    common.usage_error("delete takes the KEY to delete (see --help)")
+    common.usage_error("delete takes the KEY to delete")
   end
   if #pos > nargs then
-    common.usage_error("argument %d is unexpected (see --help)",
+    common.usage_error("argument %d is unexpected",
                        pos.at[nargs + 1])
   end
   -- an option of the other subcommand is refused, not dropped (show
@@ -413,7 +413,7 @@ local function main(args)
     common.only(o, cmd, takes)
     return delete(o, pos[2])
   end
-  common.usage_error("give publish, show or delete (see --help)")
+  common.usage_error("give publish, show or delete")
 end
 
 return common.run("etcd", usage, main, { ... })

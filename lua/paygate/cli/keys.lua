@@ -69,7 +69,7 @@ _M.UNSUPPORTED_FIX = "use the key or certificate WeChat Pay issued: "
 function _M.load(path, id, option)
   local files, why = common.files(path)
   if not files then
-    common.usage_error("cannot read %s%s: %s", option and (option .. " ")
+    common.input_error("cannot read %s%s: %s", option and (option .. " ")
                        or "", common.shown(path), why)
   end
   local out = {}

@@ -141,7 +141,7 @@ local function read_state(url, dir)
   end
   if not list then
     db:close()
-    common.usage_error("cannot read the migrations of %s in %s: %s",
+    common.input_error("cannot read the migrations of %s in %s: %s",
                        redact(url), dir, one_line(serr))
   end
   return db, list
@@ -366,7 +366,7 @@ local function apply(opts, url, dir)
     return 1
   end
   if UNREACHABLE[kind] and not err.database_newest then
-    common.usage_error("cannot apply the migrations of %s in %s: %s",
+    common.input_error("cannot apply the migrations of %s in %s: %s",
                        redact(url), dir, one_line(err))
   end
   -- a refusal (a database newer than the folder: config), a busy lock
@@ -381,11 +381,11 @@ local function main(args)
   local opts, pos = common.parse(args, SPEC)
   local cmd = pos[1]
   if cmd ~= "status" and cmd ~= "apply" then
-    common.usage_error("expected the command status or apply (see --help)")
+    common.usage_error("expected the command status or apply")
   end
   local url, dir = pos[2], pos[3]
   if not dir or pos[4] then
-    common.usage_error("%s takes DB_URL and DIR (see --help)", cmd)
+    common.usage_error("%s takes DB_URL and DIR", cmd)
   end
   if cmd == "status" then
     common.only(opts, cmd, { ["--json"] = true })

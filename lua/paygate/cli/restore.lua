@@ -118,7 +118,7 @@ local function main(args)
   local opts, pos = common.parse(args, SPEC)
   local backup, url = pos[1], pos[2]
   if not url or pos[3] then
-    common.usage_error("restore takes BACKUP and SQLITE_URL (see --help)")
+    common.usage_error("restore takes BACKUP and SQLITE_URL")
   end
   if not url:match("^sqlite3?:") then
     common.usage_error("SQLITE_URL must be sqlite:PATH, not %s (a "
@@ -140,18 +140,18 @@ local function main(args)
     end
   end
   if core.file_type(backup) ~= "file" then
-    common.usage_error("BACKUP %s is not a file", shown(backup))
+    common.input_error("BACKUP %s is not a file", shown(backup))
   end
   local exists = core.file_type(path)
   if exists and exists ~= "file" then
-    common.usage_error("%s is a %s, not a store", shown(path), exists)
+    common.input_error("%s is a %s, not a store", shown(path), exists)
   elseif exists and not opts["--force"] then
-    common.usage_error("%s exists: restoring replaces it; give --force to"
+    common.input_error("%s exists: restoring replaces it; give --force to"
       .. " do so (with the gateway stopped)", shown(path))
   end
   local holder = exists and in_use(path)
   if holder then
-    common.usage_error("%s is in use (process %d has it open): stop the"
+    common.input_error("%s is in use (process %d has it open): stop the"
       .. " gateway first", shown(path), holder)
   end
   local t0 = core.mono()

@@ -38,7 +38,7 @@ local SPEC = {
 local function main(args)
   local o = common.parse_options(args, SPEC)
   for _, k in ipairs({ "--method", "--url", "--mchid", "--serial", "--key" }) do
-    if not o[k] then common.usage_error("%s is required (see --help)", k) end
+    if not o[k] then common.usage_error("%s is required", k) end
   end
   local out = common.output(o["--json"])
   local method, url = o["--method"], o["--url"]

@@ -280,7 +280,7 @@ end
 local function main(args)
   local o = common.parse_options(args, SPEC)
   if not o["--body"] then
-    common.usage_error("--body is required (see --help)")
+    common.usage_error("--body is required")
   end
   if not o["--headers"] and not o["-H"] then
     common.usage_error("give --headers FILE or -H 'Name: value'")
