@@ -201,6 +201,17 @@ describe("paygate CLI", function()
     assert.matches("cannot read /nonexistent/paygate.pid", out, 1, true)
     code, out = run({ "exec", "/nonexistent.lua" })
     assert.equal(2, code)
+    -- an option where the script belongs: exec takes none but --help (was
+    -- "cannot read --help-me: No such file or directory"); named up to
+    -- its "=", as run names one
+    for _, a in ipairs({ "--help-me", "-v", "--key=s3cret" }) do
+      code, out = run({ "exec", a, "x.lua" })
+      assert.equal(2, code, out)
+      assert.equal("paygate exec: unknown option " .. a:match("^[^=]+")
+                   .. ": exec takes no options but --help; the script comes"
+                   .. " first, SCRIPT.lua [ARGS...] (see paygate exec"
+                   .. " --help)\n", out)
+    end
     -- an unknown option, or one without its value: one line naming it
     -- (never the value given with =), not the whole usage
     code, out = run({ "run", "examples/hello", "--bogus=s3cret" })

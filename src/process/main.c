@@ -88,6 +88,8 @@ static const char usage_exec[] =
 "(paygate.sleep, paygate.http.request, database calls). ARGS are in `arg`\n"
 "and passed as the chunk's varargs. The exit status is the script's\n"
 "os.exit() code, or the number it returns, or 0; 1 when it raises.\n"
+"exec itself takes no options but --help: every argument after SCRIPT is\n"
+"the script's.\n"
 "\n"
 "example: paygate exec \"$(command -v busted)\" spec/\n";
 
@@ -527,6 +529,17 @@ cmd_exec(int argc, char **argv)
         int e = errno;
         char found[4096];
 
+        if (e == ENOENT && argv[1][0] == '-') {
+            /* `paygate exec --verbose x.lua`: an option, not a script;
+             * named up to its "=" (the value may be a secret) */
+            size_t n = strcspn(argv[1], "=");
+
+            fprintf(stderr, "paygate exec: unknown option %.*s: exec takes "
+                            "no options but --help; the script comes "
+                            "first, SCRIPT.lua [ARGS...] (see paygate exec "
+                            "--help)\n", (int) (n > 64 ? 64 : n), argv[1]);
+            return 2;
+        }
         fprintf(stderr, "paygate exec: cannot read %s: %s", argv[1],
                 strerror(e));
         /* `paygate exec busted`: a command's name, where a file is read */
