@@ -631,6 +631,31 @@ local function what_of(how)
   return how
 end
 
+-- What an illegal transition's message adds: a name the machine does not
+-- declare at all (a misspelt event or state in the caller's code: no row
+-- can ever take it), with the one it looks like; else what the machine
+-- takes from that state.
+local function illegal_why(m, from, event, target)
+  local known, what, name = m.is_event, "event", event
+  if not event then
+    known, what, name = m.is_state, "state", target
+  end
+  if not known[name] then
+    local list = {}
+    for k in pairs(known) do list[#list + 1] = k end
+    sort(list)
+    return ": " .. name .. " is no " .. what .. " of machine " .. m.name
+      .. "; its " .. what .. "s: " .. concat(list, ", ")
+      .. require("paygate.suggest").hint(name, known)
+  end
+  if event then
+    local list = m:events(from)
+    return " (events from " .. tostring(from) .. ": "
+      .. (#list > 0 and concat(list, ", ") or "none") .. ")"
+  end
+  return ""
+end
+
 -- The decision of a transition of row (read by the caller; false when
 -- there is none): which declared transition, its guards run. fname names
 -- the public function for raises (at its caller: level 3 from there).
@@ -672,7 +697,8 @@ local function decide(self, fname, q, id, how, opts, row)
       cause = opts.cause })
     return fail("illegal_transition", name .. " " .. tostring(id) .. ": "
       .. (event and ("no " .. event .. " from " .. tostring(from))
-          or (tostring(from) .. " -> " .. target .. " is not declared")),
+          or (tostring(from) .. " -> " .. target .. " is not declared"))
+      .. illegal_why(self, from, event, target),
       { id = id, from = from, event = event, to = target })
   end
   if opts.version ~= nil and opts.version ~= version then

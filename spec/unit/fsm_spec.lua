@@ -304,6 +304,31 @@ for engine, new_db in pairs(stores) do
         .. ',from="refunded",event="succeeded"} %d+', fsm.prometheus())
     end)
 
+    it("says when the event or state is none of the machine's, and what it takes",
+       function()
+      put("payments", "R2", "paying")
+      -- a misspelt event: no row could ever take it
+      local res, err = payments:apply(db, "R2", "succeded")
+      assert.is_nil(res)
+      assert.equal("illegal_transition", err.kind)
+      assert.matches("no succeded from paying: succeded is no event of"
+        .. " machine payment; its events: closed, failed, opened,"
+        .. " outcome_unknown, refunded_fully, refunded_partially,"
+        .. " still_open, succeeded (did you mean succeeded?)",
+        tostring(err), 1, true)
+      res, err = payments:apply(db, "R2", { to = "piad" })
+      assert.is_nil(res)
+      assert.matches("piad is no state of machine payment; its states: ",
+                     tostring(err), 1, true)
+      assert.matches("(did you mean paid?)", tostring(err), 1, true)
+      -- a declared event from the wrong state: what that state takes
+      res, err = payments:apply(db, "R2", "refunded_fully")
+      assert.is_nil(res)
+      assert.matches("no refunded_fully from paying (events from paying:"
+        .. " closed, failed, outcome_unknown, succeeded)", tostring(err), 1,
+        true)
+    end)
+
     it("fails not_found for a missing row", function()
       local res, err = payments:apply(db, "nope", "opened")
       assert.is_nil(res)
