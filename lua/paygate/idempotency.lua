@@ -800,10 +800,14 @@ function _M.wrap(db, handler, opts)
       if err.kind == "conflict" then
         return reply(422, "idempotency_key_reused", "this Idempotency-Key"
                      .. " was used with another request (method, path with"
-                     .. " query, or body)")
+                     .. " query, or body): a retry must send the first"
+                     .. " request's exact bytes (then it gets its answer),"
+                     .. " another operation a new key")
       elseif err.kind == "in_flight" then
         return reply(409, "idempotency_in_flight", "a request with this"
-                     .. " Idempotency-Key is still running",
+                     .. " Idempotency-Key is still running: send it again"
+                     .. " after Retry-After seconds (at most) for its"
+                     .. " answer",
                      { ["Content-Type"] = "application/json",
                        ["Retry-After"] = tostring(
                          math.max(1, floor(err.retry_after + 0.999))) })
@@ -856,7 +860,9 @@ function _M.wrap(db, handler, opts)
         -- run that took over is the one to ask (a retry replays its answer,
         -- or gets a 409 whose Retry-After is the rest of its lease)
         return reply(409, "idempotency_in_flight", "this run's lease ran"
-                     .. " out and another request with this key took over",
+                     .. " out and another request with this key took over:"
+                     .. " send it again after Retry-After seconds for that"
+                     .. " run's answer",
                      { ["Content-Type"] = "application/json",
                        ["Retry-After"] = "1" })
       end

@@ -434,6 +434,10 @@ for name, engine in pairs(engines) do
                                     app_id = "shop" })
         assert.equal(422, s3)
         assert.equal("idempotency_key_reused", json.decode(b3).error)
+        -- the caller is told what to do about it
+        assert.matches("a retry must send the first request's exact bytes"
+          .. " (then it gets its answer), another operation a new key",
+          json.decode(b3).message, 1, true)
         -- the same key from another app is its own request
         assert.equal(201, (fn(fake_req{ headers = hdr, body = "{\"a\":2}",
                                         app_id = "other" })))
@@ -606,6 +610,8 @@ for name, engine in pairs(engines) do
                                                    "lost-1" } })
         assert.equal(409, s)
         assert.equal("idempotency_in_flight", json.decode(b).error)
+        assert.matches("send it again after Retry-After seconds",
+                       json.decode(b).message, 1, true)
         assert.equal("application/json", h["Content-Type"])
         assert.equal("1", h["Retry-After"])
       end)
