@@ -40,6 +40,14 @@ local lease = require "paygate.lease"
 local utf8_clean = require("paygate.utf8").clean
 local split_query = require("paygate.redact").split_query
 
+-- What the dead letter of a sink's not-retryable error says to do: the
+-- easiest trap of a hook (paygate.error's retryable is false unless said)
+local NOT_RETRYABLE_HINT = "a sink's error with retryable = false"
+  .. " (paygate.error's default) dead-letters the event at once; for a"
+  .. " failure worth retrying return paygate.error(kind, message,"
+  .. " { retryable = true }) or nil, \"text\"; once fixed, replay the"
+  .. " event (outbox.replay)"
+
 local _M = { _VERSION = "0.1.0" }
 
 local floor, min, max = math.floor, math.min, math.max
@@ -1435,6 +1443,8 @@ local function record_done(self, g, ok, err, fenced)
                                           sinks = o.owed,
                                           error = concat(o.errs, "; "),
                                           reason = o.why,
+                                          hint = o.why == "not_retryable"
+                                            and NOT_RETRYABLE_HINT or nil,
                                           attempts = o.attempts,
                                           max_attempts = self.max_attempts })
       end

@@ -728,6 +728,9 @@ for engine, open in pairs(stores) do
       assert.equal("dead", row(db, c).state)
       assert.same({ "not_retryable", 1, 2 }, { lines[c].reason,
         lines[c].attempts, lines[c].max_attempts })
+      -- what to do instead, said where the trap shows (only there)
+      assert.matches("{ retryable = true }", lines[c].hint, 1, true)
+      assert.is_nil(lines[a].hint)
       assert.truthy(lines[c].error:find("rejected", 1, true))
       assert.same({ "max_attempts", 2, 2 }, { lines[a].reason,
         lines[a].attempts, lines[a].max_attempts })
