@@ -178,6 +178,38 @@ describe("paygate doctor's signed call (platform certificate mode)", function()
     assert.is_nil(out:find(key, 1, true))
   end)
 
+  -- An APIv3 key rotation begun on this side only: the new key configured,
+  -- the old one kept as previous, WeChat still on the old one. Everything
+  -- works, but only through the previous key, which the operator removes a
+  -- day later: doctor must say so rather than pass.
+  it("warns when the certificates decrypt only with a previous APIv3 key",
+     function()
+    local new = testing.apiv3_key()
+    local r, out, code = doctor(sim:client_config(nil, { apiv3_key = new,
+      previous_apiv3_keys = { sim.merchant.apiv3_key } }))
+    assert.equal(0, code, out)
+    assert.equal("warn", r.status, out)
+    assert.matches("decrypt only with a previous APIv3 key "
+                   .. "(wechatpay.previous_apiv3_keys)", r.cause, 1, true)
+    assert.matches("WeChat still encrypts with the old key", r.cause, 1,
+                   true)
+    assert.matches("merchant platform", r.fix, 1, true)
+    assert.is_nil(out:find(new, 1, true))
+    assert.is_nil(out:find(sim.merchant.apiv3_key, 1, true))
+    -- WeChat on the new key, the old one kept as previous: ok
+    r, out, code = doctor(sim:client_config(nil, {
+      previous_apiv3_keys = { new } }))
+    assert.equal(0, code, out)
+    assert.equal("ok", r.status, out)
+    assert.matches("decrypted with the APIv3 key", r.cause, 1, true)
+    -- neither key WeChat's: the failure names both keys, as before
+    r, out, code = doctor(sim:client_config(nil, { apiv3_key = new,
+      previous_apiv3_keys = { testing.apiv3_key() } }))
+    assert.equal(1, code, out)
+    assert.equal("fail", r.status, out)
+    assert.matches("APIv3 key does not decrypt", r.cause, 1, true)
+  end)
+
   it("fails when the host answers 503", function()
     sim:fault{ endpoint = "certificates", kind = "error", status = 503,
                code = "SYSTEM_ERROR" }

@@ -40,7 +40,8 @@ not yet valid, unknown CA, missing intermediate, hostname mismatch,
 revoked, weak or bad signature, wrong usage, self-signed...),
 reachability, one signed call (GET /v3/certificates through
 paygate.wechatpay: WeChat's verdict on the signature, the APIv3 key
-decrypting what it sends, the answer verified), the clock against WeChat's
+decrypting what it sends (warn when only a previous key does: WeChat is
+not on the new one yet), the answer verified), the clock against WeChat's
 signed timestamp on that answer (warn from 60 s off), the notify URL
 reachable, refusing an unsigned probe and answering within WeChat's 5 s,
 the server's timeouts (request, header, body) against that window, the
@@ -1128,9 +1129,12 @@ local function signed_call(out, wc, cfg, clock_bad, dconf, expiring, seen)
   local log = pg.log
   local function quiet() end
   pg.log = setmetatable({}, { __index = function() return quiet end })
-  local wx, err = require("paygate.wechatpay").client(conf)
-  local n
-  if wx then
+  -- one signed call with conf's keys. returns: the client made (or nil),
+  -- the certificates got (nil on a failure), err
+  local function attempt(cf)
+    local wx, err = require("paygate.wechatpay").client(cf)
+    local n
+    if not wx then return nil, nil, err end
     if cfg.mode == "public_key" then
       local res
       res, err = wx:request("GET", "/v3/certificates")
@@ -1158,6 +1162,22 @@ local function signed_call(out, wc, cfg, clock_bad, dconf, expiring, seen)
     -- gateway's clients record it (paygate.wechatpay.clock)
     seen.skew, seen.err = wx:clock_skew(), err
     wx:stop()
+    return wx, n, err
+  end
+  -- Previous APIv3 keys (a rotation under way) are left out of the first
+  -- call: certificates that decrypt only under one of them say that
+  -- WeChat still encrypts with the old key, which "ok" would hide until
+  -- the old key is removed and every notification fails.
+  local prev = cfg.mode ~= "public_key"
+    and type(conf.previous_apiv3_keys) == "table"
+    and #conf.previous_apiv3_keys > 0 and conf.previous_apiv3_keys
+  if prev then conf.previous_apiv3_keys = nil end
+  local wx, n, err = attempt(conf)
+  local only_previous = false
+  if prev and wx and not n and err and err.kind == "decrypt_failed" then
+    conf.previous_apiv3_keys = prev
+    wx, n, err = attempt(conf)
+    only_previous = n ~= nil
   end
   pg.log = log
   if not wx then
@@ -1165,6 +1185,19 @@ local function signed_call(out, wc, cfg, clock_bad, dconf, expiring, seen)
     return
   end
   local serial = cfg.merchant_serial
+  if only_previous then
+    out:warn("signed_call", "GET /v3/certificates signed with serial "
+             .. tostring(serial) .. ": WeChat accepted the signature, but "
+             .. "the certificates decrypt only with a previous APIv3 key ("
+             .. key_name(dconf, "previous_apiv3_keys") .. "), not with "
+             .. key_name(dconf, "apiv3_key") .. ": WeChat still encrypts "
+             .. "with the old key", "removing the previous key now would "
+             .. "fail every certificate download and notification",
+             "set the new APIv3 key in the merchant platform (API "
+             .. "security), then run doctor again; keep the previous key "
+             .. "until it passes, and a day after (notifications under way)")
+    return
+  end
   if n then
     out:ok("signed_call", "GET /v3/certificates signed with serial "
            .. tostring(serial) .. ": WeChat accepted the signature; "
