@@ -189,6 +189,26 @@ describe("paygate doctor: the TLS chain of the notify URL", function()
     assert.equal("expired", n.x509_kind, out)
   end)
 
+  -- A test server's certificate of the operator's own CA, doctor given no
+  -- notify_ca_file: its issuer is not found, which doctor cannot tell from
+  -- an intermediate left out; the fix names notify_ca_file as well (it
+  -- said "serve the full chain" alone, which no chain served fixes).
+  it("a leaf of an unknown issuer and no notify_ca_file: the fix names "
+     .. "notify_ca_file", function()
+    local s = server.start{ source = APP, scheme = "https", args = {
+      "--tls-cert", pki.good, "--tls-key", pki.good_key } }
+    local path = notify_config("https://localhost:" .. s.port .. "/notify")
+    write(path, (read(path):gsub(", notify_ca_file = \"[^\"]*\"", "")))
+    local code, out, r = run({ "doctor", "--json", "--config", path })
+    s:stop()
+    local n = r.notify_url
+    assert.truthy(n, out)
+    assert.equal(1, code, out)
+    assert.equal("missing_intermediate", n.x509_kind, out)
+    assert.matches("the intermediates", n.fix, 1, true)
+    assert.matches("give doctor that CA as notify_ca_file", n.fix, 1, true)
+  end)
+
   it("passes the full chain from a CA it trusts", function()
     local s = server.start{ source = APP, scheme = "https", args = {
       "--tls-cert", pki.good_chain, "--tls-key", pki.good_key } }

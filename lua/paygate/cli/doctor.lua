@@ -1418,6 +1418,13 @@ local function notify_tls(out, url, host, port, conf, now)
     purpose = "server", at = now })
   if ok or not err or not err.kind then return end
   local c = CHAIN[err.kind] or { "the chain does not verify", nil }
+  local fix = NOTIFY_TLS_FIX[err.kind] or c[2]
+  if err.kind == "missing_intermediate" and not conf.notify_ca_file then
+    -- the issuer not found may be a root of the operator's own (a test
+    -- CA, the simulator's notify_ca_file): doctor cannot tell which
+    fix = fix .. "; a certificate of your own CA (a test): give doctor "
+      .. "that CA as notify_ca_file"
+  end
   out:result{ status = "fail", kind = "notify_url", x509_kind = err.kind,
               cause = notify_shown(url) .. ": TLS " .. err.kind .. ": "
               .. c[1],
@@ -1425,7 +1432,7 @@ local function notify_tls(out, url, host, port, conf, now)
               .. chain[1]:subject() .. ", issuer " .. chain[1]:issuer()
               .. "\nWeChat's handshake fails the same way: no notification "
               .. "reaches the handler, and the access log shows none",
-              fix = NOTIFY_TLS_FIX[err.kind] or c[2] }
+              fix = fix }
   return true
 end
 
