@@ -209,8 +209,8 @@ INSERT INTO pad (n, v) SELECT n, hex(randomblob(100)) FROM c]]))
                              tmp .. "/none.db")
     assert.equal(2, code, out)
     assert.equal(1, lines(out), out)
-    assert.matches("(umask 077; pg_dump -Fc -f DEST 'postgres://gw@db."
-                   .. "example/gw')", out, 1, true)
+    assert.matches("(umask 077; pg_dump -Fc -f '" .. tmp .. "/none.db' "
+                   .. "'postgres://gw@db.example/gw')", out, 1, true)
     assert.matches("signing keys", out, 1, true)
     assert.not_matches("s3cr3t", out, 1, true)
     -- the command runs as printed: paygate's own options (pg_dump refuses
@@ -221,8 +221,20 @@ INSERT INTO pad (n, v) SELECT n, hex(randomblob(100)) FROM c]]))
                        .. "&sslmode=require&query_timeout=5", tmp
                        .. "/none.db")
     assert.equal(2, code, out)
-    assert.matches("(umask 077; pg_dump -Fc -f DEST 'postgres://gw@db."
-                   .. "example/gw?sslmode=require')", out, 1, true)
+    assert.matches("(umask 077; pg_dump -Fc -f '" .. tmp .. "/none.db' "
+                   .. "'postgres://gw@db.example/gw?sslmode=require')", out,
+                   1, true)
     assert.not_matches("s3cr3t", out, 1, true)
+    -- DEST as given (it said DEST, and the docs call the command ready to
+    -- run), quoted for the shell; one with a newline stays DEST (one line)
+    code, out = backup("postgres://gw@db.example/gw", "it's a dump")
+    assert.equal(2, code, out)
+    assert.matches("pg_dump -Fc -f 'it'\\''s a dump' 'postgres://gw@db."
+                   .. "example/gw')", out, 1, true)
+    code, out = backup("postgres://gw@db.example/gw", "two\nlines")
+    assert.equal(2, code, out)
+    assert.equal(1, lines(out), out)
+    assert.matches("pg_dump -Fc -f DEST 'postgres://gw@db.example/gw')",
+                   out, 1, true)
   end)
 end)

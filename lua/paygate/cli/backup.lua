@@ -31,8 +31,9 @@ SQLITE_URL --force (docs/gateway.md, Backups and recovery).
 
 A PostgreSQL store is refused: back it up with pg_dump, under umask 077
 (the dump holds the API keys' signing keys): (umask 077; pg_dump -Fc -f
-DEST 'URL'), the URL without paygate's own options (pool, ...) and its
-password (pg_dump reads it from PGPASSFILE); the refusal prints it so.
+'DEST' 'URL'), the URL without paygate's own options (pool, ...) and its
+password (pg_dump reads it from PGPASSFILE); the refusal prints it so,
+ready to run.
 
 exit: 0 the copy is at DEST and passed its check, 1 the copy failed (a
 full disk, the check failed: DEST was left as it was), 2 usage error,
@@ -64,6 +65,13 @@ local function pg_dump_url(url)
   return "'" .. u:gsub("'", "'\\''") .. "'"
 end
 
+-- DEST as the pg_dump command takes it: quoted for a shell, or the word
+-- DEST when it holds a control character (the refusal is one line)
+local function pg_dump_dest(dest)
+  if dest:find("%c") then return "DEST" end
+  return "'" .. dest:gsub("'", "'\\''") .. "'"
+end
+
 local function main(args)
   local opts, pos = common.parse(args, SPEC)
   local url, dest = pos[1], pos[2]
@@ -79,8 +87,8 @@ local function main(args)
     common.usage_error("%s is a PostgreSQL store: paygate backup copies "
       .. "a SQLite one; back PostgreSQL up with pg_dump, the dump readable "
       .. "by its owner only (it holds the API keys' signing keys): (umask "
-      .. "077; pg_dump -Fc -f DEST %s) (docs/gateway.md, Backups and recovery)",
-      redact(url), pg_dump_url(url))
+      .. "077; pg_dump -Fc -f %s %s) (docs/gateway.md, Backups and recovery)",
+      redact(url), pg_dump_dest(dest), pg_dump_url(url))
   end
   if not url:match("^sqlite3?:") then
     common.usage_error("SQLITE_URL must be sqlite:PATH, not %s",
