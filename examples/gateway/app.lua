@@ -96,7 +96,15 @@ if new_file and require("paygate.core").file_type(new_file) ~= nil then
   new_file = nil
 end
 local db = boot.reach("the store", g.db, function() return sql.open(g.db) end,
-                      "gateway.db")
+                      "gateway.db", function(err)
+  -- a PostgreSQL login refused for good: what to do, as doctor says it
+  local fix, why = sql.login_fix(g.db, err, "the gateway")
+  if why == "no_password" then
+    fix = fix .. ", in the gateway's own environment (under systemd,"
+          .. " Environment=PGPASSFILE=... in its unit)"
+  end
+  return fix
+end)
 if new_file and boot.once("new_db") then
   -- (a file deleted, or a volume not mounted, would be taken for a first
   -- start without a word, and every payment before it for unknown)

@@ -252,6 +252,54 @@ local function sqlite_parts(rest)
   return path, qs
 end
 
+--- syntax: fix, why = sql.login_fix(url, err[, who])
+-- What to do about a connect to a postgres:// URL refused for good (kind
+-- config: a login the server refused, docs/storage.md "A refused login
+-- is config"): one sentence chosen by the SQLSTATE in libpq's message, or
+-- by libpq's own "no password supplied" (why "no_password", which a
+-- caller follows with where its environment comes from). who: the
+-- program that connected, whose user's ~/.pgpass libpq read (default
+-- "paygate"). nil for another error, or another engine's URL.
+function _M.login_fix(url, err, who)
+  if type(err) ~= "table" or err.kind ~= "config"
+     or not tostring(url):match("^postgres") then
+    return nil
+  end
+  who = who or "paygate"
+  local msg = tostring(err.message)
+  local pw = "PGPASSFILE (default ~/.pgpass of the user running " .. who
+             .. ", mode 0600, lines host:port:database:user:password) or"
+             .. " PGPASSWORD"
+  if msg:find("no password supplied", 1, true) then
+    return "the server asks for a password and none was given: libpq reads"
+           .. " it from " .. pw, "no_password"
+  end
+  local state = msg:match(":  (%w%w%w%w%w): ")
+  if state == "28P01" then
+    return "the server refused the password for the URL's user: fix it"
+           .. " where " .. who .. " reads it (" .. pw .. ", or the URL)",
+           state
+  elseif state == "3D000" then
+    local name = tostring(url):match("^%a+://[^/?#]*/([^/?#]+)")
+    return "the server has no database " .. (name or "of the URL's name")
+           .. ": fix the URL's database name, or create it (docs/gateway.md,"
+           .. " On PostgreSQL)", state
+  elseif state == "42501" then
+    return "the role may not connect to that database: GRANT CONNECT on it"
+           .. " to the role, or make the role its owner", state
+  end
+  if state and state:sub(1, 2) == "28" then       -- invalid authorization
+    return "the server refused the login (no such role, a role that may not"
+           .. " log in, or no pg_hba.conf line for this client and"
+           .. " authentication): the server's log says which", state
+  end
+  -- (no SQLSTATE: libpq refused before asking a server, e.g. a service
+  -- file that is not there, an option it does not know)
+  return "fix what the cause names (the URL, its options, or libpq's"
+         .. " environment: PGSERVICEFILE, PGSSLMODE...); no server may have"
+         .. " been asked", "libpq"
+end
+
 --- syntax: path = sql.sqlite_path(url)
 -- The file a sqlite: (or sqlite3:) URL names, as sql.open reads it:
 -- without a leading "//" or the ?options. nil for another engine's URL,

@@ -98,13 +98,14 @@ function _M.migrate(db, dir)
   _M.fail("migrations: " .. tostring(err))
 end
 
---- syntax: v = boot.reach(what, url, open, key)
+--- syntax: v = boot.reach(what, url, open, key[, fix])
 -- open() -> v or nil, err. Returns v; an error that is not retryable, or
--- one still there after WAIT seconds, ends the worker (boot.fail). open()
+-- one still there after WAIT seconds, ends the worker (boot.fail), the
+-- line followed by "; fix: " and fix(err) when that gives one. open()
 -- raising is the URL's fault (an option paygate.sql or paygate.redis
 -- refuses: ?pool=many): one line naming the config key (config.<key>),
 -- exit 2, like every config error.
-function _M.reach(what, url, open, key)
+function _M.reach(what, url, open, key, fix)
   local deadline = core.mono() + _M.WAIT
   local delay = 0.2
   while true do
@@ -121,7 +122,9 @@ function _M.reach(what, url, open, key)
     local why = first_line(err)
     local retryable = type(err) == "table" and err.retryable
     if not retryable or core.mono() + delay > deadline then
-      _M.fail("cannot reach " .. what .. " " .. _M.redact(url) .. ": " .. why)
+      local f = fix and fix(err)
+      _M.fail("cannot reach " .. what .. " " .. _M.redact(url) .. ": " .. why
+              .. (f and "; fix: " .. f or ""))
     end
     paygate.log.warn("gateway: cannot reach " .. what .. "; trying again",
       { url = _M.redact(url), error = why, retry_in = delay })

@@ -85,11 +85,30 @@ describe("gateway start with its stores unreachable", function()
     local pg = servers.postgres({ password = "right-pw-61aa" })
     local srv = start({ db = "postgres://postgres:wrong-pw-07bd@127.0.0.1:"
                              .. pg.port .. "/postgres" }, 2)
+    -- the line says what to do, as doctor does (it ended with libpq's
+    -- words)
     refused_at_once(srv, "gateway: cannot reach the store"
       .. " postgres://postgres@127.0.0.1:" .. pg.port .. "/postgres:"
       .. " postgres: connect: connection to server at \"127.0.0.1\", port "
       .. pg.port .. " failed: FATAL:  28P01: password authentication failed"
-      .. " for user \"postgres\"\n", { "wrong-pw-07bd", "right-pw-61aa" })
+      .. " for user \"postgres\"; fix: the server refused the password for"
+      .. " the URL's user: fix it where the gateway reads it (PGPASSFILE",
+      { "wrong-pw-07bd", "right-pw-61aa" })
+    -- no password at all (the service's PGPASSFILE not set): where libpq
+    -- looks for one, and that it is the gateway's environment that counts
+    local home = os.getenv("HOME")
+    local f = home and io.open(home .. "/.pgpass")
+    if f then f:close() end
+    if os.getenv("PGPASSWORD") or os.getenv("PGPASSFILE") or f then
+      return      -- (this environment gives libpq a password)
+    end
+    srv = start({ db = "postgres://postgres@127.0.0.1:" .. pg.port
+                       .. "/postgres" }, 2)
+    refused_at_once(srv, "fe_sendauth: no password supplied; fix: the server"
+      .. " asks for a password and none was given: libpq reads it from"
+      .. " PGPASSFILE (default ~/.pgpass of the user running the gateway,"
+      .. " mode 0600, lines host:port:database:user:password) or PGPASSWORD,"
+      .. " in the gateway's own environment", { "right-pw-61aa" })
   end)
 
   it("Redis refusing the password: one line at once, naming the refusal",

@@ -1675,44 +1675,16 @@ end
 -- the service's, so a password libpq did not find may be one the gateway
 -- finds (its PGPASSFILE): the fix says so.
 local function database_fix(url, err)
-  local down = "check database (sqlite:PATH or postgres://...) and that the"
-               .. " server runs"
-  if type(err) ~= "table" or err.kind ~= "config"
-     or not tostring(url):match("^postgres") then
-    return down
+  local fix, why = require("paygate.sql").login_fix(url, err, "doctor")
+  if not fix then
+    return "check database (sqlite:PATH or postgres://...) and that the"
+           .. " server runs"
   end
-  local msg = tostring(err.message)
-  local pw = "PGPASSFILE (default ~/.pgpass of the user running doctor,"
-             .. " mode 0600, lines host:port:database:user:password) or"
-             .. " PGPASSWORD"
-  if msg:find("no password supplied", 1, true) then
-    return "the server asks for a password and none was given: libpq reads"
-           .. " it from " .. pw .. "; run doctor with the environment the"
-           .. " gateway runs with (its service's PGPASSFILE)"
+  if why == "no_password" then
+    fix = fix .. "; run doctor with the environment the gateway runs with"
+          .. " (its service's PGPASSFILE)"
   end
-  local state = msg:match(":  (%w%w%w%w%w): ")
-  if state == "28P01" then
-    return "the server refused the password for the URL's user: fix it"
-           .. " where the gateway reads it (" .. pw .. ", or the URL)"
-  elseif state == "3D000" then
-    local name = tostring(url):match("^%a+://[^/?#]*/([^/?#]+)")
-    return "the server has no database " .. (name or "of the URL's name")
-           .. ": fix the URL's database name, or create it (docs/gateway.md,"
-           .. " On PostgreSQL)"
-  elseif state == "42501" then
-    return "the role may not connect to that database: GRANT CONNECT on it"
-           .. " to the role, or make the role its owner"
-  end
-  if state and state:sub(1, 2) == "28" then       -- invalid authorization
-    return "the server refused the login (no such role, a role that may not"
-           .. " log in, or no pg_hba.conf line for this client and"
-           .. " authentication): the server's log says which"
-  end
-  -- (no SQLSTATE: libpq refused before asking a server, e.g. a service
-  -- file that is not there, an option it does not know)
-  return "fix what the cause names (the URL, its options, or libpq's"
-         .. " environment: PGSERVICEFILE, PGSSLMODE...); no server may have"
-         .. " been asked"
+  return fix
 end
 
 -- sql.open makes a missing SQLite file: a check must not (doctor run
