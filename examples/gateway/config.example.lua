@@ -35,7 +35,14 @@ return {
       -- base_url = "http://127.0.0.1:9000",        -- the simulator
     },
   },
-  -- the runtime's own keys sit here too: the notification replay cache's
+  -- the runtime's own keys sit here too (README, Config file): for
+  -- production, HTTPS on the public listener and a pid file for
+  -- paygate reload / upgrade --pid-file
+  -- listen = "0.0.0.0:8443", workers = 2, admin = "127.0.0.1:9090",
+  -- pid_file = "/run/paygate/gateway.pid",
+  -- tls = { cert = "/etc/paygate/tls/fullchain.pem",
+  --         key = "/etc/paygate/tls/privkey.pem" },
+  -- and the notification replay cache's
   -- own dictionary (without it the cache shares paygate's, where other
   -- entries can evict its records; a warning at start says so). 4m: about
   -- 100 notifications a second (docs/wechatpay.md, The replay cache)
