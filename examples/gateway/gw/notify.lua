@@ -44,10 +44,11 @@ local refused_log, refused_counter
 local REFUSED_KINDS = { "bad_signature", "stale_timestamp", "unknown_serial",
   "cert_expired", "malformed", "decrypt_failed", "replay_check_unavailable",
   "invalid_config", "timeout", "internal", "merchant_mismatch" }
--- Up to 16 merchants' (the first by mchid: a worker holds 512 counter
--- series in all), and room for the label sets the traffic brings (a kind
--- not listed, the merchants no longer configured, those past the 16).
-local REFUSED_MERCHANTS = 16
+-- Up to apply.PRESET_MERCHANTS merchants' (the first by mchid), and room
+-- for the label sets the traffic brings (a kind not listed, the merchants
+-- no longer configured, those past the first): anyone reaching the route
+-- makes these, so their number stays bounded whatever is configured.
+local REFUSED_MERCHANTS = apply.PRESET_MERCHANTS
 local REFUSED_SERIES = REFUSED_MERCHANTS * #REFUSED_KINDS + 32
 
 -- paygate_gateway_unknown_notifications_total{kind}: see unknown_target
