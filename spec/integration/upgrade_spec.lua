@@ -232,6 +232,57 @@ describe("paygate upgrade", function()
                     "the old master's worker alone")
   end)
 
+  -- The command's wait follows the master's upgrade_timeout (written in
+  -- PID_FILE.upgrade's "upgrading" line, with a margin of 5 s), an
+  -- explicit --timeout standing. The old master is stopped (SIGSTOP) once
+  -- upgrading, so no outcome comes: the command gives up when it said it
+  -- would. Before: it waited 90 s whatever the upgrade_timeout (one past
+  -- 90 s outlived the command: "no outcome within 90 s").
+  it("waits as long as the master's upgrade_timeout; --timeout wins",
+     function()
+    local bin = copy_bin()
+    s = server.start{ source = WHO, bin = bin,
+                      config = { upgrade_timeout = 1 } }
+    local hold = s.app .. "/hold"
+    proc.write(hold, "")
+    proc.write(s.app .. "/app.lua", held(hold))
+    local function stalled(n, args, want)
+      local out = s.dir .. "/upgrade-" .. n .. ".out"
+      local cmd = { bin, "upgrade", "--pid-file", s.pid_file }
+      for _, a in ipairs(args) do cmd[#cmd + 1] = a end
+      local up = proc.spawn(cmd, { log = out })
+      proc.wait_until(function()
+        return proc.read(s.pid_file .. ".upgrade")
+          :match("^%d+ " .. n .. " upgrading, outcome within 6 s\n")
+      end, 10, "the upgrade to start")
+      proc.kill_pid(s.pid, 19)                          -- SIGSTOP
+      local t0 = os.time()
+      local code = up:wait(30)
+      if code == nil then up:kill(proc.SIGKILL); up:wait(2) end
+      proc.kill_pid(s.pid, 18)                          -- SIGCONT
+      local said = proc.read(out)
+      assert.equal(1, code, said)
+      assert.matches(("paygate upgrade: pid %d upgrading; waiting up to "
+        .. "%d s for the outcome"):format(s.pid, want), said)
+      assert.matches(("no outcome from pid %d within %d"):format(s.pid, want),
+                     said)
+      assert.is_true(os.time() - t0 <= want + 3, said)
+      -- resumed, the old master refuses it (upgrade_timeout) and ends it
+      local failed = tonumber(proc.wait_until(function()
+        return proc.read(s.pid_file .. ".upgrade")
+          :match("refused: the new master %(pid (%d+)%)")
+      end, 20, "the upgrade refused"))
+      proc.wait_until(function() return not proc.running(failed) end, 20,
+                      "the new master to stop")
+      return said
+    end
+    local said = stalled(1, {}, 6)
+    assert.matches("(its upgrade_timeout and a margin)", said, 1, true)
+    said = stalled(2, { "--timeout", "2" }, 2)
+    assert.matches("(--timeout)", said, 1, true)
+    assert.equal(tostring(s.pid), assert(s:request("/who")).body)
+  end)
+
   it("refused: a new binary that never serves is stopped at the timeout",
      function()
     local bin = copy_bin()

@@ -123,13 +123,15 @@ static const char usage_upgrade[] =
 "of them have loaded the app, the old master stops as on TERM (its\n"
 "workers finish their requests). The pid file then names the new master.\n"
 "\n"
-"It waits for the outcome (default up to 90 s) and prints it: exit 0 when\n"
-"the new master serves, 1 when the upgrade failed (the new binary does\n"
-"not run, its configuration or the app does not load, it did not serve\n"
-"within the config's upgrade_timeout, 60 s by default, ...: the old\n"
-"master keeps serving) with the reason, or no outcome came in time (an\n"
-"upgrade_timeout past 90 s wants a --timeout past it: the upgrade goes on\n"
-"after this command gave up, its log says how it ended).\n"
+"It waits for the outcome and prints it: exit 0 when the new master\n"
+"serves, 1 when the upgrade failed (the new binary does not run, its\n"
+"configuration or the app does not load, it did not serve within the\n"
+"config's upgrade_timeout, 60 s by default, ...: the old master keeps\n"
+"serving) with the reason, or no outcome came in time (the upgrade goes\n"
+"on after this command gave up, its log says how it ended). By default\n"
+"it waits as long as the master says the outcome may take, once it has\n"
+"started the upgrade: its upgrade_timeout and 5 s (\"waiting up to 65 s\";\n"
+"90 s for a master that does not say); --timeout sets the wait instead.\n"
 "A new master that did not take over is told to stop (TERM) and, if it\n"
 "has not ended within 5 s (upgrade_timeout if shorter), killed with its\n"
 "process group (its workers too); no other upgrade starts until then.\n"
@@ -822,7 +824,7 @@ cmd_upgrade(int argc, char **argv)
 {
     struct signal_opts o;
     const char *pid_file;
-    int pid, owner, before = 0, n = 0, code;
+    int pid, owner, before = 0, n = 0, code, said = 0;
     double timeout;
     char what[1200], done[64];
 
@@ -846,7 +848,7 @@ cmd_upgrade(int argc, char **argv)
                 "would stop it); nothing signalled\n", pid, pid_file);
         return 1;
     }
-    if (strcmp(what, "upgrading") == 0) {
+    if (strncmp(what, "upgrading", 9) == 0) {
         fprintf(stderr, "paygate upgrade: pid %d is upgrading already; "
                 "nothing signalled\n", pid);
         return 1;
@@ -862,8 +864,25 @@ cmd_upgrade(int argc, char **argv)
         /* asked before the outcome is read, as paygate reload does */
         int exited = kill(pid, 0) != 0;
         int zombie = !exited && is_zombie(pid);
+        double due;
 
         owner = upgrade_outcome(pid_file, &n, what, sizeof(what));
+        if (!said && owner == pid && n > before
+            && sscanf(what, "upgrading, outcome within %lf s", &due) == 1) {
+            /* the master says when its outcome is due (its
+             * upgrade_timeout, and a margin): the default wait follows
+             * it from here, an explicit --timeout stands */
+            said = 1;
+            if (!o.timeout_given && due > 0 && due <= 1e8) {
+                timeout = waited + due;
+            }
+            printf("paygate upgrade: pid %d upgrading; waiting up to %g s "
+                   "for the outcome%s\n", pid,
+                   o.timeout_given ? o.timeout : due,
+                   o.timeout_given ? " (--timeout)"
+                   : " (its upgrade_timeout and a margin)");
+            fflush(stdout);
+        }
         if (owner > 0 && owner != pid && strcmp(what, done) == 0) {
             printf("paygate upgrade: done, pid %d serves (all its workers "
                    "loaded the app); pid %d finishes its requests and "

@@ -1281,7 +1281,9 @@ pid_file_pid(const char *path)
  * PID_FILE.upgrade, for `paygate upgrade`: "<owner> <n> <what>", owner the
  * master that handles the pid file's USR2, n the upgrades it was asked for:
  * "P 0 ready" (it upgrades: a master that does not would die of USR2),
- * "P n upgrading", "P n refused: <why>", and on success the new master's
+ * "P n upgrading, outcome within S s" (S: upgrade_timeout + UPGRADE_GRACE,
+ * the wait `paygate upgrade` takes by default), "P n refused: <why>", and
+ * on success the new master's
  * "N 0 ready, upgraded from P". Only with a pid file.
  */
 static void
@@ -1724,7 +1726,12 @@ on_usr2(evutil_socket_t sig, short what, void *arg)
         upgrade_end("cannot watch the new master (no memory)", 1);
         return;
     }
-    upgrade_line((int) getpid(), m.upgrades, "upgrading");
+    /* when its outcome is due, for `paygate upgrade` to wait as long:
+     * the refusal at upgrade_timeout, UPGRADE_GRACE later at worst (a
+     * loop turn that came late) */
+    snprintf(why, sizeof(why), "upgrading, outcome within %g s",
+             secs + UPGRADE_GRACE);
+    upgrade_line((int) getpid(), m.upgrades, why);
 }
 
 /* The new master: once its whole first generation has loaded the app,
