@@ -197,3 +197,38 @@ describe("the simulator's clock_offset", function()
     end
   end)
 end)
+
+-- An answer signed with a platform certificate the client does not hold
+-- waits for the certificate download its serial starts; that download's
+-- answer, verified meanwhile, is the newer reading of WeChat's clock.
+-- Before: the waiting call's reading (taken when its answer came) was
+-- recorded after the download's and replaced it: the client's latest
+-- reading went back by the download's time (here 1 s: a download held at
+-- WeChat), and the gauge with it.
+describe("an answer that waited for a certificate download", function()
+  it("leaves the download's newer reading of the clock", function()
+    local core = require "paygate.core"
+    local sim = testing.simulator()
+    local wx = sim:client(nil, { download_min_interval = 0.1 })
+    local no = sim:order{ notify_url = "https://example.com/notify",
+                          client = wx }
+    sim:fault{ endpoint = "query", kind = "expired_certificate",
+               expires_in = 3600, count = 1 }
+    sim:fault{ endpoint = "certificates", kind = "latency", seconds = 1,
+               count = 1 }
+    local before = select(2, wx:clock_skew())
+    local t0 = core.time()
+    testing.wait_until(function() return core.time() >= t0 + 0.2 end, 5,
+                       "the download rate limit over")
+    assert(wx:query_by_out_trade_no(no))
+    local done = core.time()
+    local skew, at = wx:clock_skew()
+    assert.is_number(skew)
+    assert.is_true(at > before, "no reading recorded")
+    -- the download answered within the last 0.5 s; the query's answer
+    -- came before the download started, a second earlier
+    assert.is_true(done - at < 0.5, ("the latest reading is %.3f s old")
+                                    :format(done - at))
+    wx:stop()
+  end)
+end)

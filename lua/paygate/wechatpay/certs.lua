@@ -352,7 +352,7 @@ local function download(wx)
     end
     return nil, err
   end
-  local now = core.time()
+  local now, now_mono = core.time(), core.mono()
   local list, skipped = decode_download(wx, res.body, now)
   if not list then return nil, skipped end
   if #list == 0 and #skipped > 0 then
@@ -391,7 +391,7 @@ local function download(wx)
                            { serial = err.serial, wechat_public_key_id = id,
                              skew = err.skew })
   end
-  clock.observe(wx, h.ts, now)      -- a verified answer: WeChat's clock
+  clock.observe(wx, h.ts, now, now_mono)  -- verified: WeChat's clock
   local added, new = adopt(wx, list, now)
   -- WeChat's rotation seen as it happens: one line per certificate new to
   -- the ring, said by the download that brought it. Once per instance

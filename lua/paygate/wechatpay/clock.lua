@@ -63,14 +63,19 @@ local function warn(wx, skew, now)
       threshold = _M.WARN })
 end
 
---- syntax: clock.observe(wx, ts, now)
+--- syntax: clock.observe(wx, ts, now, mono)
 -- Records the skew of one verified answer: ts its Wechatpay-Timestamp
 -- (whole seconds: WeChat's clock was within [ts, ts + 1) when it signed,
--- so the middle is taken), now this host's clock when it was verified.
--- The answer's transit is in it (milliseconds, usually). Never yields.
-function _M.observe(wx, ts, now)
+-- so the middle is taken), now this host's clock when it arrived, mono
+-- core.mono() then. The answer's transit is in it (milliseconds,
+-- usually). A reading older (by mono) than the one recorded is dropped:
+-- an answer whose verification waited for a certificate download is
+-- recorded after the download's own, newer, reading, and replaced it.
+-- Never yields.
+function _M.observe(wx, ts, now, mono)
+  if wx.clock_last_mono and mono < wx.clock_last_mono then return end
   local skew = now - ts - 0.5
-  wx.clock_last, wx.clock_last_at = skew, now
+  wx.clock_last, wx.clock_last_at, wx.clock_last_mono = skew, now, mono
   local g = the_gauge()
   if g then
     local labels = wx.clock_labels

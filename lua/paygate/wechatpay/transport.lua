@@ -463,10 +463,12 @@ call = function(wx, method, path, body, opts, ep, what, stat)
     elseif res.status >= 200 and res.status < 300 then
       res.request_id = res.headers and res.headers["request-id"]
       if not (opts.unsigned or opts._no_verify) then
-        local at = core.time()
+        -- when the answer came: verifying may wait for a certificate
+        -- download (an unknown serial), whose own reading is newer
+        local at, at_mono = core.time(), core.mono()
         local ok, verr = wx:verify_response(res.headers or {}, res.body or "")
         if ok then
-          clock.observe(wx, ok.ts, at)   -- WeChat's clock, signed
+          clock.observe(wx, ok.ts, at, at_mono)  -- WeChat's clock, signed
         else
           if SAFE_METHODS[method] then
             verr.message = what .. ": response " .. verr.message
