@@ -54,8 +54,9 @@ credentials.tls names in etcd: the pair as the listener checks it, its
 days left; the key never printed).
 
 FILE is a Lua file returning { wechatpay = {...}, notify_url = ...,
-database = ..., redis = ..., limits = {...}, tls = {...}, metrics_url = ...,
-leases = {...}, api_crl_file = ... } (see docs/troubleshooting.md), or
+notify_ca_file = ... (the CA of a test notify URL's certificate), database
+= ..., redis = ..., limits = {...}, tls = {...}, metrics_url = ..., leases =
+{...}, api_crl_file = ... } (see docs/troubleshooting.md), or
 the reference gateway's own config ({ gateway = {...}, merchants = {...} },
 docs/gateway.md): first the gateway's own check of it (gw/config.lua
 of the gateway app: --app DIR, default examples/gateway here, else that
