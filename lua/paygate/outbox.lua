@@ -704,15 +704,19 @@ local function about(sink, t)
   return sink
 end
 
--- A webhook URL's host (and port) as a log line may show it: the user
--- info goes, read as paygate.redact reads a URL's (everything before the
--- last "@" ahead of the query, so a password holding "/" or "@" is not
--- shown in part), and so do the path, the query and the fragment. (A
--- path holding "@" shows what follows it instead: misread, never a
--- secret.)
+-- A webhook URL's host (and port) as a log line may show it: the
+-- authority (up to the first "/", "?" or "#", as the HTTP client reads
+-- it) without its user info (up to its last "@"); the path, the query
+-- and the fragment go. nil when an "@" stands past the authority ahead
+-- of the query (paygate.redact's split_query): a password holding "/",
+-- "?" or "#" (user:pa/ss@host, which the authority would show in part)
+-- cannot be told from a path holding "@" (host/a@token, whose token what
+-- follows the last "@" would show).
 local function url_host(url)
   local main = split_query(url:match("^%a+://(.*)$") or "")
-  return (main:match("([^@]*)$"):match("^[^/#]*"))
+  local authority, rest = main:match("^([^/?#]*)(.*)$")
+  if rest:find("@", 1, true) then return nil end
+  return (authority:match("([^@]*)$"))
 end
 
 -- syntax: sink = outbox.webhook(opts)

@@ -129,7 +129,11 @@ describe("an outbox sink's failed attempt", function()
     local id, by, logs = run(ref, { secret = secret, webhooks = {
       { name = "webhook", url = "http://user:pw-Secret-Za93@127.0.0.1:"
           .. receiver.port .. "/events?token=tok-Secret-Lk02" },
-      { name = "refused", url = "http://127.0.0.1:" .. refused .. "/e" } } })
+      { name = "refused", url = "http://127.0.0.1:" .. refused .. "/e" },
+      -- an "@" in the path (a token after it): no host is sure, none is
+      -- shown (was: what follows the "@", taken for the host)
+      { name = "path_at", url = "http://127.0.0.1:" .. refused
+          .. "/hook/a@path-Secret-Vb55/e" } } })
     check(by.webhook, id, "webhook", logs)
     for _, l in ipairs(by.webhook) do
       assert.equal(500, l.status)
@@ -143,7 +147,12 @@ describe("an outbox sink's failed attempt", function()
       assert.equal("127.0.0.1:" .. refused, l.host)
       assert.matches("^webhook_failed: webhook: ", l.error)
     end
-    for _, word in ipairs{ "pw-Secret", "tok-Secret", secret } do
+    check(by.path_at, id, "path_at", logs)
+    for _, l in ipairs(by.path_at) do
+      assert.is_nil(l.host)
+    end
+    for _, word in ipairs{ "pw-Secret", "tok-Secret", "path-Secret",
+                           secret } do
       assert.is_nil(logs:find(word, 1, true), word)
     end
   end)
