@@ -283,6 +283,49 @@ describe("paygate upgrade", function()
     assert.equal(tostring(s.pid), assert(s:request("/who")).body)
   end)
 
+  -- What the command says it waits is the wait it takes: an "upgrading"
+  -- line whose time is no master's (PID_FILE.upgrade edited by hand) is
+  -- not followed, and said so; one past 1e8 s (upgrade_timeout takes up
+  -- to 1e12) is followed, in whole seconds. A stand-in master (a shell
+  -- that writes the line on USR2) answers, then the spec refuses it by
+  -- the file. Before: "waiting up to nan s ... (its upgrade_timeout and
+  -- a margin)" while it waited 90 s, and "1e+12 s" while it waited 90.
+  it("says the wait it takes, whatever PID_FILE.upgrade says", function()
+    local dir = server.tmpdir("upgrade-says")
+    local pid_file = dir .. "/paygate.pid"
+    -- (a shell whose argv[0] names paygate: the command signals no other)
+    local sh = dir .. "/paygate-sh"
+    assert(os.execute("ln -s /bin/sh " .. proc.sh_quote(sh)))
+    for i, due in ipairs{ "nan", "-3", "1000000000005" } do
+      local fake = proc.spawn({ sh, "-c", "trap 'printf \"%s 1 "
+        .. "upgrading, outcome within " .. due .. " s\\n\" $$ > "
+        .. proc.sh_quote(pid_file .. ".upgrade") .. "' USR2; "
+        .. "while :; do sleep 0.05; done" }, { log = dir .. "/fake.log" })
+      proc.write(pid_file, fake.pid .. "\n")
+      proc.write(pid_file .. ".upgrade", fake.pid .. " 0 ready\n")
+      local out = dir .. "/upgrade-" .. i .. ".out"
+      local up = proc.spawn({ PAYGATE_BIN, "upgrade", "--pid-file",
+                              pid_file }, { log = out })
+      proc.wait_until(function()
+        return (proc.read(out) or ""):find("waiting up to", 1, true)
+      end, 10, "the command's wait")
+      proc.write(pid_file .. ".upgrade", fake.pid .. " 1 refused: spec\n")
+      local code = up:wait(10)
+      fake:kill(proc.SIGKILL)
+      fake:wait(5)
+      local said = proc.read(out)
+      assert.equal(1, code, said)
+      if due == "1000000000005" then
+        assert.matches("waiting up to 1000000000005 s for the outcome "
+          .. "(its upgrade_timeout and a margin)", said, 1, true)
+      else
+        assert.matches("waiting up to 90 s for the outcome (the default: "
+          .. "the master said no usable time)", said, 1, true)
+      end
+      assert.matches("refused: spec", said, 1, true)
+    end
+  end)
+
   it("refused: a new binary that never serves is stopped at the timeout",
      function()
     local bin = copy_bin()

@@ -3,6 +3,7 @@
  */
 #include <errno.h>
 #include <getopt.h>
+#include <math.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -872,15 +873,24 @@ cmd_upgrade(int argc, char **argv)
             /* the master says when its outcome is due (its
              * upgrade_timeout, and a margin): the default wait follows
              * it from here, an explicit --timeout stands */
+            /* (upgrade_timeout is at most 1e12 s: a larger number, or
+             * "nan", "inf", one not past 0, is no master's: the file
+             * was edited; the default wait stands) */
+            int follow = !o.timeout_given && due > 0 && due <= 1e13;
+            char num[64];
+
             said = 1;
-            if (!o.timeout_given && due > 0 && due <= 1e8) {
+            if (follow) {
                 timeout = waited + due;
             }
-            printf("paygate upgrade: pid %d upgrading; waiting up to %g s "
-                   "for the outcome%s\n", pid,
-                   o.timeout_given ? o.timeout : due,
+            /* the wait it takes, whole seconds but for --timeout's */
+            snprintf(num, sizeof(num), o.timeout_given ? "%g" : "%.0f",
+                     o.timeout_given ? o.timeout : ceil(timeout - waited));
+            printf("paygate upgrade: pid %d upgrading; waiting up to %s s "
+                   "for the outcome%s\n", pid, num,
                    o.timeout_given ? " (--timeout)"
-                   : " (its upgrade_timeout and a margin)");
+                   : follow ? " (its upgrade_timeout and a margin)"
+                   : " (the default: the master said no usable time)");
             fflush(stdout);
         }
         if (owner > 0 && owner != pid && strcmp(what, done) == 0) {

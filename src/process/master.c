@@ -10,6 +10,7 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <math.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -1729,8 +1730,8 @@ on_usr2(evutil_socket_t sig, short what, void *arg)
     /* when its outcome is due, for `paygate upgrade` to wait as long:
      * the refusal at upgrade_timeout, UPGRADE_GRACE later at worst (a
      * loop turn that came late) */
-    snprintf(why, sizeof(why), "upgrading, outcome within %g s",
-             secs + UPGRADE_GRACE);
+    snprintf(why, sizeof(why), "upgrading, outcome within %.0f s",
+             ceil(secs + UPGRADE_GRACE));
     upgrade_line((int) getpid(), m.upgrades, why);
 }
 
