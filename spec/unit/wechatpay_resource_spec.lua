@@ -62,6 +62,15 @@ describe("resource.decrypt", function()
       { "0123456789abcdef0123456789abcdef", KEY })))
   end)
 
+  -- the position of the key that decrypted: more than 1, a previous key
+  -- (WeChat not on the current one yet: paygate.wechatpay.rotation)
+  it("says which key decrypted", function()
+    local r = assert(resource.encrypt(KEY, "x", "certificate"))
+    local other = "0123456789abcdef0123456789abcdef"
+    assert.same({ "x", nil, 2 }, { resource.decrypt(r, { other, KEY }) })
+    assert.same({ "x", nil, 1 }, { resource.decrypt(r, { KEY, other }) })
+  end)
+
   it("refuses hostile input with a classified error", function()
     local good = assert(resource.encrypt(KEY, "x", "transaction"))
     local function with(k, v)

@@ -61,7 +61,7 @@ local alarm_counter, unnotified_counter, after_query_counter
 
 --- apply.PRESET_MERCHANTS: how many merchants (the first by mchid) have
 -- their series at 0 from the start in every counter labelled by merchant,
--- here and in gw.notify: 17 series each, 272 at most. A merchant past them
+-- here and in gw.notify: 19 series each, 304 at most. A merchant past them
 -- gets its series with its first count. A worker holds 512 counter series
 -- in all (paygate.metrics.MAX_COUNTER_SERIES); the pre-sets went on until
 -- each family's cap (settled_without_notification 25 merchants,

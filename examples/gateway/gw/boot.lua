@@ -276,11 +276,36 @@ end
 -- mchid, the serial requests are signed under, the WeChat Pay public key
 -- id (public-key and migration mode), the verification mode and the
 -- appids. No secret: a serial and a key id are sent in every request.
+-- The APIv3 keys are told apart by a fingerprint each (below), kept with
+-- the summary in the shared dictionary and never logged: a line names the
+-- config keys and counts only.
 local function sorted_keys(t)
   local ks = {}
   for k in pairs(t) do ks[#ks + 1] = k end
   table.sort(ks)
   return ks
+end
+
+-- An APIv3 key's fingerprint: 8 bytes of an HMAC under the key, enough to
+-- tell a changed key, and nothing to learn the key from
+local function fingerprint(key)
+  local crypto = require "paygate.crypto"
+  return crypto.hex(crypto.hmac("sha256", key,
+                                "gateway reload: apiv3 key")):sub(1, 16)
+end
+
+-- c: a client's conf. returns: { current = fp, previous = { fp, ... },
+-- names = { apiv3_key, previous_apiv3_keys } }, or nil (no client)
+local function apiv3_summary(c)
+  if type(c.apiv3_keys) ~= "table" or not c.apiv3_keys[1] then return nil end
+  local prev = {}
+  for i = 2, #c.apiv3_keys do prev[i - 1] = fingerprint(c.apiv3_keys[i]) end
+  local names = c.key_names or {}
+  return { current = fingerprint(c.apiv3_keys[1]), previous = prev,
+           names = { apiv3_key = tostring(names.apiv3_key or "apiv3_key"),
+                     previous_apiv3_keys = type(names.previous_apiv3_keys)
+                       == "string" and names.previous_apiv3_keys
+                       or "previous_apiv3_keys" } }
 end
 
 --- syntax: t = boot.merchant_summary(cfg, wx)
@@ -290,9 +315,42 @@ function _M.merchant_summary(cfg, wx)
     local c = wx[m.mchid] and wx[m.mchid].conf or {}
     t[m.mchid] = { merchant_serial = c.merchant_serial,
                    public_key_id = c.public_key_id, mode = c.mode,
-                   appids = table.concat(sorted_keys(m.appids or {}), ",") }
+                   appids = table.concat(sorted_keys(m.appids or {}), ","),
+                   apiv3_keys = apiv3_summary(c) }
   end
   return t
+end
+
+-- What a reload changed of a merchant's APIv3 keys (a, b: apiv3_summary()s,
+-- before and now), as a line naming the config keys and the counts, or
+-- nil when nothing changed (or a summary lacks them: a generation before
+-- they were kept)
+local function apiv3_change(mchid, a, b)
+  if type(a) ~= "table" or type(b) ~= "table" then return nil end
+  local was = table.concat(a.previous or {}, ",")
+  local now = table.concat(b.previous or {}, ",")
+  local new_current = a.current ~= b.current
+  if not new_current and was == now then return nil end
+  local parts = {}
+  if new_current then
+    local moved = false
+    for _, fp in ipairs(b.previous or {}) do
+      if fp == a.current then moved = true end
+    end
+    parts[1] = "a new current key (" .. b.names.apiv3_key .. ")"
+      .. (moved and ", the one before it now a previous key" or "")
+  end
+  local n_was, n_now = #(a.previous or {}), #(b.previous or {})
+  if was ~= now then
+    parts[#parts + 1] = (n_was == n_now and "previous keys changed, "
+                         .. n_now or "previous keys " .. n_was .. " -> "
+                         .. n_now) .. " (" .. b.names.previous_apiv3_keys
+                         .. ")"
+  end
+  return { "gateway: reload: merchant " .. mchid .. ": APIv3 keys changed: "
+    .. table.concat(parts, "; "),
+    { mchid = mchid, change = "apiv3_keys", new_current = new_current,
+      previous_from = n_was, previous_to = n_now } }
 end
 
 -- what each line names, in this order
@@ -327,6 +385,7 @@ function _M.merchant_changes(before, now)
             { mchid = mchid, change = k, from = a[k], to = b[k] } }
         end
       end
+      out[#out + 1] = apiv3_change(mchid, a.apiv3_keys, b.apiv3_keys)
     end
   end
   return out

@@ -11,6 +11,7 @@ local paygate = require "paygate"
 local fsm = require "paygate.fsm"
 local json = require "paygate.json"
 local wechatpay = require "paygate.wechatpay"
+local rotation = require "paygate.wechatpay.rotation"
 local metrics = require "paygate.metrics"
 local shared = require "paygate.shared"
 local model = require "gw.model"
@@ -78,12 +79,16 @@ function _M.init(c)
 end
 
 --- syntax: notify.init_metrics(mchids) -- at start (mchids: a sorted
--- list): each refusal kind of the first REFUSED_MERCHANTS merchants at 0
+-- list): each refusal kind of the first REFUSED_MERCHANTS merchants at 0,
+-- and their notifications and certificate downloads decrypted only with a
+-- previous APIv3 key (paygate.wechatpay.rotation: a key rotation half
+-- done, alerted on before the previous key is taken out)
 function _M.init_metrics(mchids)
   for i = 1, math.min(#mchids, REFUSED_MERCHANTS) do
     for _, kind in ipairs(REFUSED_KINDS) do
       refused_counter:inc({ merchant = tostring(mchids[i]), kind = kind }, 0)
     end
+    rotation.preset(mchids[i])
   end
 end
 

@@ -135,4 +135,34 @@ describe("gw.boot.merchant_changes", function()
     }, t)
     assert.same({}, boot.merchant_changes(now, now))
   end)
+
+  -- was: a reload changing an APIv3 key file said "no merchant changed"
+  it("names the APIv3 keys changed by their config keys and counts",
+     function()
+    local names = {
+      apiv3_key = "merchants[1].apiv3_key_file",
+      previous_apiv3_keys = "merchants[1].previous_apiv3_key_files" }
+    local function m(cur, prev)
+      return { ["1"] = { merchant_serial = "AA", apiv3_keys = {
+        current = cur, previous = prev, names = names } } }
+    end
+    local function msgs(a, b)
+      local t = {}
+      for i, l in ipairs(boot.merchant_changes(a, b)) do t[i] = l[1] end
+      return t
+    end
+    local P = "gateway: reload: merchant 1: APIv3 keys changed: "
+    assert.same({ P .. "previous keys changed, 1 (merchants[1]."
+                  .. "previous_apiv3_key_files)" },
+                msgs(m("k1", { "k0" }), m("k1", { "k9" })))
+    assert.same({ P .. "previous keys 1 -> 0 (merchants[1]."
+                  .. "previous_apiv3_key_files)" },
+                msgs(m("k1", { "k0" }), m("k1", {})))
+    assert.same({ P .. "a new current key (merchants[1].apiv3_key_file)" },
+                msgs(m("k1", { "k0" }), m("k2", { "k0" })))
+    assert.same({}, msgs(m("k1", { "k0" }), m("k1", { "k0" })))
+    -- a summary kept by a generation before the keys were: nothing said
+    assert.same({}, msgs({ ["1"] = { merchant_serial = "AA" } },
+                         m("k1", {})))
+  end)
 end)

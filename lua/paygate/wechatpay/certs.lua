@@ -27,6 +27,7 @@ local errors = require "paygate.wechatpay.errors"
 local verify = require "paygate.wechatpay.verify"
 local resource = require "paygate.wechatpay.resource"
 local clock = require "paygate.wechatpay.clock"
+local rotation = require "paygate.wechatpay.rotation"
 local config = require "paygate.wechatpay.config"
 
 local type, tostring, ipairs, pairs, pcall, next =
@@ -208,7 +209,8 @@ end
 
 -- Decrypts one AEAD-encrypted resource ({ algorithm, nonce,
 -- associated_data, ciphertext }) with the current, then the previous
--- APIv3 keys (paygate.wechatpay.resource). returns: plaintext, or nil,
+-- APIv3 keys (paygate.wechatpay.resource). returns: plaintext, nil and
+-- the position of the key that decrypted it (1: the current one), or nil,
 -- err (malformed, decrypt_failed).
 function _M.decrypt(wx, r)
   return resource.decrypt(r, wx.conf.apiv3_keys, wx.conf.key_names)
@@ -277,23 +279,26 @@ local function other_pub_id(wx, h, body, now, untrusted)
 end
 
 -- Decrypts and checks the certificates of a /v3/certificates body.
--- returns: an array of certificate handles, or nil, err.
+-- returns: an array of certificate handles, the ones skipped and, when
+-- one decrypted only with a previous APIv3 key, that key's position in
+-- apiv3_keys; or nil, err.
 local function decode_download(wx, body, now)
   local doc = json.decode(body)
   if type(doc) ~= "table" or type(doc.data) ~= "table" then
     return nil, core.error("bad_response", "/v3/certificates: no data array")
   end
-  local out, skipped = {}, {}
+  local out, skipped, prev = {}, {}, nil
   for i, item in ipairs(doc.data) do
     if type(item) ~= "table" then
       return nil, core.error("bad_response", "/v3/certificates: entry " .. i
                              .. " is not an object")
     end
-    local pem, err = _M.decrypt(wx, item.encrypt_certificate)
+    local pem, err, used = _M.decrypt(wx, item.encrypt_certificate)
     if not pem then
       return nil, core.error(err.kind, "/v3/certificates entry " .. i .. ": "
                              .. err.message)
     end
+    if used > 1 then prev = used end
     local cert, cerr = x509.load(pem)
     if not cert then
       return nil, core.error("bad_response", "/v3/certificates entry " .. i
@@ -314,7 +319,7 @@ local function decode_download(wx, body, now)
       skipped[#skipped + 1] = cert:serial() .. " (" .. what .. ")"
     end
   end
-  return out, skipped
+  return out, skipped, prev
 end
 
 -- One download: request, decrypt, check, verify the response with the new
@@ -353,7 +358,7 @@ local function download(wx)
     return nil, err
   end
   local now, now_mono = core.time(), core.mono()
-  local list, skipped = decode_download(wx, res.body, now)
+  local list, skipped, prev = decode_download(wx, res.body, now)
   if not list then return nil, skipped end
   if #list == 0 and #skipped > 0 then
     -- nothing this client can use: said now, not only as an
@@ -392,6 +397,9 @@ local function download(wx)
                              skew = err.skew })
   end
   clock.observe(wx, h.ts, now, now_mono)  -- verified: WeChat's clock
+  -- verified, and encrypted under a previous APIv3 key: WeChat is not on
+  -- the current one yet (counted, said once an hour; rotation.lua)
+  if prev then rotation.observe(wx, "certificates", prev) end
   local added, new = adopt(wx, list, now)
   -- WeChat's rotation seen as it happens: one line per certificate new to
   -- the ring, said by the download that brought it. Once per instance

@@ -12,6 +12,7 @@ local crypto = require "paygate.crypto"
 local json = require "paygate.json"  -- hardened decoder, same null
 local certs = require "paygate.wechatpay.certs"
 local resource = require "paygate.wechatpay.resource"
+local rotation = require "paygate.wechatpay.rotation"
 local verify = require "paygate.wechatpay.verify"
 
 local type, pcall, tostring, ipairs = type, pcall, tostring, ipairs
@@ -158,8 +159,9 @@ local function parse(wx, req, opts)
   if type(r) ~= "table" then
     return fail("malformed", "no resource object in the notification")
   end
-  local plain
-  plain, err = resource.decrypt(r, wx.conf.apiv3_keys, wx.conf.key_names)
+  local plain, used
+  plain, err, used = resource.decrypt(r, wx.conf.apiv3_keys,
+                                      wx.conf.key_names)
   if not plain then return nil, err end
   -- an array is a table too, [] an empty one: its fields would all read
   -- absent, and a handler would fail on it instead of the parse. Told by
@@ -196,6 +198,9 @@ local function parse(wx, req, opts)
         .. "(docs/wechatpay.md)", { retryable = true })
     end
   end
+  -- signed by WeChat, encrypted under a previous key: WeChat is not on
+  -- the current one yet (counted, said once an hour; rotation.lua)
+  if used > 1 then rotation.observe(wx, "notification", used) end
   return {
     id = str(doc.id), event_type = str(doc.event_type),
     create_time = str(doc.create_time), summary = str(doc.summary),

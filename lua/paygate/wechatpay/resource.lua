@@ -83,7 +83,10 @@ end
 -- ({ apiv3_key, previous_apiv3_keys }: a client's key_names, as
 -- paygate.wechatpay.config checks it; default the client's own keys;
 -- previous_apiv3_keys false: the owner has none to name).
--- returns: the plaintext, or nil, err (malformed, decrypt_failed).
+-- returns: the plaintext, nil and the position in apiv3_keys of the key
+-- that decrypted it (1: the current one; more: a previous one, which
+-- paygate.wechatpay.rotation tells of), or nil, err (malformed,
+-- decrypt_failed).
 function _M.decrypt(r, apiv3_keys, names)
   if type(r) ~= "table" then
     return nil, core.error("malformed", "encrypted resource is not an object")
@@ -119,10 +122,10 @@ function _M.decrypt(r, apiv3_keys, names)
                            .. "16-byte tag: truncated")
   end
   local last
-  for _, k in ipairs(apiv3_keys) do
+  for i, k in ipairs(apiv3_keys) do
     local plain, err = crypto.aead_decrypt(alg, _M.key(alg, k), nonce, aad,
                                            ct)
-    if plain then return plain end
+    if plain then return plain, nil, i end
     last = err
     if err.kind ~= "decrypt_failed" then break end
   end
