@@ -204,10 +204,12 @@ describe("paygate CLI", function()
     -- an option where the script belongs: exec takes none but --help (was
     -- "cannot read --help-me: No such file or directory"); named up to
     -- its "=", as run names one
-    for _, a in ipairs({ "--help-me", "-v", "--key=s3cret" }) do
+    -- (a short one by its letter alone: -pS3cret is -p and a value)
+    for _, a in ipairs({ "--help-me", "-v", "--key=s3cret", "-pS3cret" }) do
       code, out = run({ "exec", a, "x.lua" })
       assert.equal(2, code, out)
-      assert.equal("paygate exec: unknown option " .. a:match("^[^=]+")
+      assert.equal("paygate exec: unknown option "
+                   .. (a:match("^%-%-") and a:match("^[^=]+") or a:sub(1, 2))
                    .. ": exec takes no options but --help; the script comes"
                    .. " first, SCRIPT.lua [ARGS...] (see paygate exec"
                    .. " --help)\n", out)

@@ -534,8 +534,13 @@ cmd_exec(int argc, char **argv)
 
         if (e == ENOENT && argv[1][0] == '-') {
             /* `paygate exec --verbose x.lua`: an option, not a script;
-             * named up to its "=" (the value may be a secret) */
+             * named up to its "=" (the value may be a secret), a short
+             * one by its letter alone (-pSECRET: -p), as run names them */
             size_t n = strcspn(argv[1], "=");
+
+            if (argv[1][1] != '-' && n > 2) {
+                n = 2;
+            }
 
             fprintf(stderr, "paygate exec: unknown option %.*s: exec takes "
                             "no options but --help; the script comes "

@@ -1343,6 +1343,10 @@ upgrade_grace(void)
 static int
 upgrade_signal(pid_t pid, int sig)
 {
+    if (pid <= 0) {
+        errno = ESRCH;  /* kill(0 or -1, ...): this master's group, or all */
+        return -1;
+    }
     if (kill(-pid, sig) == 0) {
         return 0;
     }
@@ -1764,8 +1768,12 @@ handover_ready(void)
 static void
 handover_rejoin(void)
 {
-    pid_t pg = getpgid(up.from);
+    pid_t pg;
 
+    if (getppid() != up.from) {
+        return;     /* the old master is gone: its pid may be another's */
+    }
+    pg = getpgid(up.from);
     if (pg <= 0 || pg == getpgrp()) {
         return;     /* gone already, or an old master that made no group */
     }
