@@ -284,6 +284,13 @@ describe("paygate CLI", function()
       [{ "etcd", "show", "--prefix", "/p/", "--kek-file", dir .. "/kek",
          "--endpoints", "https://127.0.0.1:1", "--user", "u" }] =
         "paygate etcd: --user needs --password-env VAR",
+      -- (the option that named it, not the variable alone: was "X is not
+      -- set")
+      [{ "etcd", "show", "--prefix", "/p/", "--kek-file", dir .. "/kek",
+         "--endpoints", "https://127.0.0.1:1", "--user", "u",
+         "--password-env", "PAYGATE_SPEC_UNSET_PW" }] =
+        "paygate etcd: --password-env PAYGATE_SPEC_UNSET_PW: the variable"
+        .. " PAYGATE_SPEC_UNSET_PW is not set in this environment",
       [{ "decrypt", "--apiv3-key-file", dir .. "/key", "--resource",
          dir .. "/text" }] = "paygate decrypt: " .. dir
         .. "/text is not a JSON object",

@@ -86,7 +86,10 @@ local function client(o)
       common.usage_error("--user needs --password-env VAR")
     end
     pw = os.getenv(var)
-    if not pw then common.usage_error("%s is not set", var) end
+    if not pw then
+      common.usage_error("--password-env %s: the variable %s is not set in"
+                         .. " this environment", var, var)
+    end
   end
   local ok, cli = pcall(etcd.new, { endpoints = eps, user = o["--user"],
     password = pw, ca_file = o["--ca-file"], client_cert = o["--cert"],
