@@ -13,6 +13,7 @@
 -- client's shared dict). Notifications are not read: their timestamp is
 -- WeChat's send time, and a retry may carry an old one.
 local verify = require "paygate.wechatpay.verify"
+local config = require "paygate.wechatpay.config"
 
 local type, pcall = type, pcall
 
@@ -38,22 +39,14 @@ local function the_gauge()
 end
 
 local function warn(wx, skew, now)
-  if wx.clock_warn_next and now < wx.clock_warn_next then return end
-  local c = wx.conf
-  -- once per instance: the first worker to mark it says it; the others
-  -- look again in a minute (not on every answer: no shared-dict write
-  -- each). A dict that cannot take the mark (full): said per worker.
-  if wx.dict then
-    local ok, err = wx.dict:add(wx.key_prefix .. "clock_warned", true,
-                                _M.WARN_EVERY)
-    if not ok and type(err) == "table" and err.kind == "exists" then
-      wx.clock_warn_next = now + 60
-      return
-    end
+  -- (once per instance an interval: config.once_an_interval)
+  if not config.once_an_interval(wx, "clock_warned", _M.WARN_EVERY, now)
+  then
+    return
   end
-  wx.clock_warn_next = now + _M.WARN_EVERY
+  local c = wx.conf
   local s = math.floor((skew < 0 and -skew or skew) + 0.5)
-  require("paygate.wechatpay.config").logger(c).warn(("wechatpay: this host's clock is %d s %s "
+  config.logger(c).warn(("wechatpay: this host's clock is %d s %s "
     .. "WeChat Pay's (the Wechatpay-Timestamp of its signed answers): sync "
     .. "it (NTP); at %d s off WeChat refuses every request (401 "
     .. "SIGN_ERROR) and this side refuses WeChat's answers and "

@@ -737,6 +737,10 @@ function _M.check(conf)
   return c
 end
 
+-- checked configuration -> its filtered log (kept beside it, not in it:
+-- a checked configuration may be checked again, and takes no other key)
+local filtered = setmetatable({}, { __mode = "k" })
+
 --- syntax: log = config.logger(c)
 -- The log of the client whose checked configuration is c: paygate.log,
 -- but for the lines below c.log_level, which do nothing (the runtime's
@@ -745,12 +749,37 @@ function _M.logger(c)
   local log = require("paygate").log
   local least = LOG_LEVELS[c.log_level]
   if not least then return log end
-  local quiet = function() end
-  local l = {}
-  for name, n in pairs(LOG_LEVELS) do
-    l[name] = n >= least and log[name] or quiet
+  local l = filtered[c]             -- (made once per configuration)
+  if not l then
+    local quiet = function() end
+    l = {}
+    for name, n in pairs(LOG_LEVELS) do
+      l[name] = n >= least and log[name] or quiet
+    end
+    filtered[c] = l
   end
   return l
+end
+
+--- syntax: say = config.once_an_interval(wx, mark, every, now)
+-- Whether this worker is the one to log the client's warning named mark
+-- now: once per `every` seconds per instance (the first worker to set
+-- the mark in the client's shared dict; the others look again in a
+-- minute, not at every call: no dict write each), or per worker when the
+-- client has no dict or the dict cannot take the mark (full).
+function _M.once_an_interval(wx, mark, every, now)
+  local next_key = "once_next_" .. mark
+  local at = wx[next_key]
+  if at and now < at then return false end
+  if wx.dict then
+    local ok, err = wx.dict:add(wx.key_prefix .. mark, true, every)
+    if not ok and type(err) == "table" and err.kind == "exists" then
+      wx[next_key] = now + 60
+      return false
+    end
+  end
+  wx[next_key] = now + every
+  return true
 end
 
 return _M

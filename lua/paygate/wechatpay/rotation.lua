@@ -13,6 +13,8 @@
 --   position (key_names), never its bytes.
 -- Nothing is done when the current key decrypts (the common path: the
 -- caller compares an index).
+local config = require "paygate.wechatpay.config"
+
 local type, pcall, tostring, ipairs = type, pcall, tostring, ipairs
 
 local _M = {}
@@ -61,23 +63,15 @@ end
 _M.key_name = key_name
 
 local function warn(wx, source, i, now)
-  if wx.prev_key_warn_next and now < wx.prev_key_warn_next then return end
-  -- once per instance: the first worker to mark it says it; the others
-  -- look again in a minute (not on every resource: no shared-dict write
-  -- each). A dict that cannot take the mark (full): said per worker.
-  if wx.dict then
-    local ok, err = wx.dict:add(wx.key_prefix .. "prev_apiv3_key_warned",
-                                true, _M.WARN_EVERY)
-    if not ok and type(err) == "table" and err.kind == "exists" then
-      wx.prev_key_warn_next = now + 60
-      return
-    end
+  -- (once per instance an interval: config.once_an_interval)
+  if not config.once_an_interval(wx, "prev_apiv3_key_warned",
+                                 _M.WARN_EVERY, now) then
+    return
   end
-  wx.prev_key_warn_next = now + _M.WARN_EVERY
   local c = wx.conf
   local names = c.key_names or {}
   local name = key_name(c, i)
-  require("paygate.wechatpay.config").logger(c).warn("wechatpay: "
+  config.logger(c).warn("wechatpay: "
     .. (source == "certificates" and "the platform certificates WeChat "
         .. "sent" or "a notification") .. " decrypted only with a previous "
     .. "APIv3 key (" .. name .. "), not with the current one ("
