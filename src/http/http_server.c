@@ -34,6 +34,7 @@
 
 #include "conn_pool.h"
 #include "http_conn.h"
+#include "sockaddr.h"
 #include "log.h"
 #include "loop.h"
 
@@ -1906,21 +1907,7 @@ on_accept(evutil_socket_t lfd, short what, void *arg)
         c->lreq_ref = LUA_NOREF;
         c->route_ref = LUA_NOREF;
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-        if (ss.ss_family == AF_INET) {
-            struct sockaddr_in *a = (struct sockaddr_in *) &ss;
-            char ip[INET_ADDRSTRLEN];
-
-            inet_ntop(AF_INET, &a->sin_addr, ip, sizeof(ip));
-            snprintf(c->peer, sizeof(c->peer), "%s:%d", ip,
-                     ntohs(a->sin_port));
-        } else if (ss.ss_family == AF_INET6) {
-            struct sockaddr_in6 *a = (struct sockaddr_in6 *) &ss;
-            char ip[INET6_ADDRSTRLEN];
-
-            inet_ntop(AF_INET6, &a->sin6_addr, ip, sizeof(ip));
-            snprintf(c->peer, sizeof(c->peer), "[%s]:%d", ip,
-                     ntohs(a->sin6_port));
-        }
+        gw_sockaddr_text(&ss, c->peer, sizeof(c->peer));
         if (event_assign(CONN_EV(c, CONN_EV_READ), gw_loop_base(), fd,
                          EV_READ | EV_PERSIST, conn_on_read, c) == 0) {
             c->rev = CONN_EV(c, CONN_EV_READ);

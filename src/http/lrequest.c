@@ -16,6 +16,7 @@
 #include <arpa/inet.h>
 
 #include "http_conn.h"
+#include "sockaddr.h"
 #include "loop.h"
 #include "lstate.h"
 
@@ -188,22 +189,14 @@ push_local_addr(lua_State *L, struct gw_conn *c)
 {
     struct sockaddr_storage ss;
     socklen_t sl = sizeof(ss);
-    char ip[INET6_ADDRSTRLEN], out[64];
+    char out[64];
+    const char *text = NULL;
 
-    if (getsockname(c->fd, (struct sockaddr *) &ss, &sl) != 0) {
-        lua_pushnil(L);
-    } else if (ss.ss_family == AF_INET) {
-        struct sockaddr_in *a = (struct sockaddr_in *) &ss;
-
-        inet_ntop(AF_INET, &a->sin_addr, ip, sizeof(ip));
-        snprintf(out, sizeof(out), "%s:%d", ip, ntohs(a->sin_port));
-        lua_pushstring(L, out);
-    } else if (ss.ss_family == AF_INET6) {
-        struct sockaddr_in6 *a = (struct sockaddr_in6 *) &ss;
-
-        inet_ntop(AF_INET6, &a->sin6_addr, ip, sizeof(ip));
-        snprintf(out, sizeof(out), "[%s]:%d", ip, ntohs(a->sin6_port));
-        lua_pushstring(L, out);
+    if (getsockname(c->fd, (struct sockaddr *) &ss, &sl) == 0) {
+        text = gw_sockaddr_text(&ss, out, sizeof(out));
+    }
+    if (text != NULL) {
+        lua_pushstring(L, text);
     } else {
         lua_pushnil(L);
     }

@@ -19,6 +19,7 @@
 #include <lualib.h>
 
 #include "config.h"
+#include "sockaddr.h"
 #include "dns.h"
 #include "log.h"
 #include "loop.h"
@@ -746,30 +747,13 @@ gw_bound_addr(int fd, const char *spec, char *buf, size_t len)
 {
     struct sockaddr_storage ss;
     socklen_t sl = sizeof(ss);
-    char host[INET6_ADDRSTRLEN];
+    const char *text;
 
     if (getsockname(fd, (struct sockaddr *) &ss, &sl) != 0) {
         return spec;
     }
-    if (ss.ss_family == AF_INET) {
-        struct sockaddr_in *a = (struct sockaddr_in *) &ss;
-
-        if (inet_ntop(AF_INET, &a->sin_addr, host, sizeof(host)) == NULL) {
-            return spec;
-        }
-        snprintf(buf, len, "%s:%u", host, (unsigned) ntohs(a->sin_port));
-        return buf;
-    }
-    if (ss.ss_family == AF_INET6) {
-        struct sockaddr_in6 *a = (struct sockaddr_in6 *) &ss;
-
-        if (inet_ntop(AF_INET6, &a->sin6_addr, host, sizeof(host)) == NULL) {
-            return spec;
-        }
-        snprintf(buf, len, "[%s]:%u", host, (unsigned) ntohs(a->sin6_port));
-        return buf;
-    }
-    return spec;
+    text = gw_sockaddr_text(&ss, buf, len);
+    return text != NULL ? text : spec;
 }
 
 int
