@@ -78,6 +78,9 @@ paygate.route("GET", "/framing", function()
   return 200, "abc", { ["Transfer-Encoding"] = "chunked",
                        ["Content-Length"] = "10" }
 end)
+paygate.route("GET", "/dated", function()
+  return 200, "abc", { ["date"] = "Mon, 07 Dec 2026 06:38:48 GMT" }
+end)
 paygate.route("GET", "/sleep", function(req)
   paygate.sleep(tonumber(req:query().s) or 0.2)
   return 200, "slept"
@@ -383,6 +386,25 @@ describe("paygate run", function()
       assert.equal(1, n, out)
       assert.matches("\r\nContent%-Length: 3\r\n", head)
       assert.equal("abc", body)
+    end)
+
+    it("sends a handler's Date instead of its own, one Date line",
+       function()
+      -- both went out: two Date lines (a singleton field), which a client
+      -- joins into no date at all
+      local out = raw("GET /dated HTTP/1.1\r\nHost: x\r\n"
+                      .. "Connection: close\r\n\r\n")
+      assert.matches("^HTTP/1.1 200", out)
+      local head = out:match("^(.-\r\n)\r\n")
+      local _, n = head:lower():gsub("\r\ndate:", "")
+      assert.equal(1, n, out)
+      assert.matches("\r\ndate: Mon, 07 Dec 2026 06:38:48 GMT\r\n", head)
+      -- and one of its own when the handler gives none
+      head = raw("GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                 .. "\r\n"):match("^(.-\r\n)\r\n")
+      _, n = head:gsub("\r\nDate: %a%a%a, %d%d %a%a%a %d%d%d%d "
+                       .. "%d%d:%d%d:%d%d GMT\r\n", "")
+      assert.equal(1, n, head)
     end)
 
     it("answers 505 to another HTTP major version", function()

@@ -215,14 +215,15 @@ void gw_req_abandon(struct gw_conn *c);
 
 /*
  * http_response.c: appends a whole response to c's output. body may be
- * NULL; ctype NULL sends no Content-Type; extra is preformatted header
- * lines ("Name: value\r\n"...) or NULL. Sets c->close_after when the
- * connection must not be kept. GW_OK, or GW_ERR (no memory: the caller
- * closes after what is already queued).
+ * NULL; ctype NULL sends no Content-Type; own_date: extra carries the
+ * Date line (a handler's), the server's is left out; extra is
+ * preformatted header lines ("Name: value\r\n"...) or NULL. Sets
+ * c->close_after when the connection must not be kept. GW_OK, or GW_ERR
+ * (no memory: the caller closes after what is already queued).
  */
 int gw_resp_write(struct gw_conn *c, int status, const char *ctype,
-                  const char *extra, size_t extra_len, const char *body,
-                  size_t body_len);
+                  int own_date, const char *extra, size_t extra_len,
+                  const char *body, size_t body_len);
 
 /* http_response.c: a JSON error answer made by the server itself (never
  * a traceback): {"error":kind,"message":message,"request_id":..}. kind

@@ -230,7 +230,7 @@ req_done(struct gw_co *co, int nres)
     char extra[4096];
     size_t extra_len = 0, body_len = 0, route_len = 0;
     const char *body = NULL, *route = NULL, *ctype = NULL;
-    int status, bad = 0, own_ctype = 0;
+    int status, bad = 0, own_ctype = 0, own_date = 0;
 
     if (req_dropped(c, co)) {
         return;
@@ -307,6 +307,10 @@ req_done(struct gw_co *co, int nres)
             if (kl == 12 && strncasecmp(k, "content-type", 12) == 0) {
                 own_ctype = 1;      /* the handler's wins */
             }
+            if (kl == 4 && strncasecmp(k, "date", 4) == 0) {
+                own_date = 1;       /* the handler's wins: one Date (a
+                                     * server simulating another's clock) */
+            }
             memcpy(extra + extra_len, k, kl);
             extra_len += kl;
             extra[extra_len++] = ':';
@@ -334,8 +338,8 @@ req_done(struct gw_co *co, int nres)
         } else if (ctype == NULL && body != NULL) {
             ctype = "text/plain; charset=utf-8";
         }
-        if (gw_resp_write(c, status, ctype, extra, extra_len, body,
-                          body_len) != GW_OK) {
+        if (gw_resp_write(c, status, ctype, own_date, extra, extra_len,
+                          body, body_len) != GW_OK) {
             c->close_after = 1;
         }
     }

@@ -170,13 +170,13 @@ out_uint(struct gw_conn *c, size_t v)
 /* No printf: this is the hot path. */
 int
 gw_resp_write(struct gw_conn *c, int status, const char *ctype,
-              const char *extra, size_t extra_len, const char *body,
-              size_t body_len)
+              int own_date, const char *extra, size_t extra_len,
+              const char *body, size_t body_len)
 {
     const struct status_line *sl = NULL;
     size_t ctype_len = ctype != NULL ? strlen(ctype) : 0;
-    size_t date_n;
-    const char *date = date_line(&date_n);
+    size_t date_n = 0;
+    const char *date = own_date ? NULL : date_line(&date_n);
     int no_body = 0;
     int head_only = c->head.method_len == 4
                     && memcmp(c->head.method, "HEAD", 4) == 0;
@@ -203,7 +203,9 @@ gw_resp_write(struct gw_conn *c, int status, const char *ctype,
         out_uint(c, (size_t) (status > 0 ? status : 0));
         out_add(c, " \r\n", 3);     /* empty reason phrase: see above */
     }
-    out_add(c, date, date_n);
+    if (date != NULL) {
+        out_add(c, date, date_n);
+    }
     if (ctype != NULL && !no_body) {
         out_add(c, "Content-Type: ", 14);
         out_add(c, ctype, ctype_len);
@@ -269,7 +271,7 @@ gw_resp_error(struct gw_conn *c, int status, const char *kind,
         n += q;
     }
     body[n++] = '}';
-    if (gw_resp_write(c, status, "application/json", NULL, 0, body, n)
+    if (gw_resp_write(c, status, "application/json", 0, NULL, 0, body, n)
         != GW_OK) {
         c->close_after = 1;
     }
