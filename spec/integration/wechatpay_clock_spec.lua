@@ -4,8 +4,10 @@
 -- shows paygate_wechatpay_clock_skew_seconds{mchid} about -90 on /metrics
 -- and logs one warning (NTP, and what 300 s would break), once for the
 -- instance however many answers and workers (both answer some); paygate
--- doctor warns. At 0 offset: a gauge about 0, no warning, doctor ok. 400 s
--- ahead (answers refused as stale): doctor fails the clock.
+-- doctor warns, its clock line (the answers' Date) as its clock_skew line
+-- (their Wechatpay-Timestamp). At 0 offset: a gauge about 0, no warning,
+-- doctor ok. 400 s ahead (answers refused as stale): doctor fails the
+-- clock; a request refused for its timestamp says by how much.
 local testing = require "paygate.testing"
 local crypto = require "paygate.crypto"
 local json = require "cjson.safe"
@@ -139,6 +141,16 @@ describe("a WeChat clock 90 s ahead", function()
     assert.is_truthy(c.cause:match("9[0-2] s behind WeChat")
                      or c.cause:match("8[89] s behind WeChat"), c.cause)
     assert.matches("NTP", c.fix, 1, true)
+    -- and the clock line, from the API host's Date, agrees: WeChat's Date
+    -- and timestamp are one clock (was: the simulator's Date was the
+    -- host's, ok, beside a clock_skew 90 s off)
+    local d = r.clock
+    assert.is_truthy(d, out)
+    assert.equal("warn", d.status, out)
+    local n = tonumber(d.cause:match("this clock is (%d+) s behind the API"
+                                     .. " host's"))
+    assert.is_truthy(n, d.cause)
+    assert.is_true(n >= 88 and n <= 92, d.cause)
   end)
 end)
 
@@ -183,6 +195,24 @@ describe("a WeChat clock 400 s ahead", function()
     assert.matches("6 min %d+ s behind WeChat", c.cause)
     assert.matches("(stale_timestamp)", c.detail, 1, true)
     assert.matches("NTP", c.fix, 1, true)
+    assert.equal("fail", r.clock and r.clock.status, out)
+  end)
+
+  it("a refused request says by how much, from WeChat's Date", function()
+    -- (past the window: WeChat refuses the request's timestamp; the
+    -- client measures this host's clock against the answer's Date. Was:
+    -- the simulator's Date was the host's, "agrees ... within 2 s")
+    local sim = testing.simulator{ config = { clock_offset = 400 } }
+    local wx = sim:client()
+    local res, err = wx:request("GET", "/v3/certificates")
+    assert.is_nil(res)
+    assert.equal("sign_error", err.kind, tostring(err))
+    assert.is_number(err.clock_skew, tostring(err))
+    assert.is_true(err.clock_skew > -402 and err.clock_skew < -398,
+                   tostring(err.clock_skew))
+    assert.matches("this host's clock is 400 s behind WeChat's",
+                   err.message, 1, true)
+    wx:stop()
   end)
 end)
 

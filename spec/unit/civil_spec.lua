@@ -94,3 +94,26 @@ describe("paygate.civil.http_date", function()
     assert.is_nil(civil.http_date(1796625528))
   end)
 end)
+
+describe("paygate.civil.http_date_text", function()
+  it("writes epoch seconds as an HTTP Date header does, in English",
+     function()
+    assert.equal("Thu, 01 Jan 1970 00:00:00 GMT", civil.http_date_text(0))
+    assert.equal("Mon, 07 Dec 2026 06:38:48 GMT",
+                 civil.http_date_text(civil.epoch("2026-12-07T06:38:48Z")))
+    assert.equal("Tue, 29 Feb 2028 23:59:59 GMT",
+                 civil.http_date_text(civil.epoch("2028-02-29T23:59:59Z")
+                                      + 0.75))
+    assert.equal("Wed, 31 Dec 1969 23:59:59 GMT", civil.http_date_text(-1))
+  end)
+
+  it("is read back by civil.http_date, and agrees with os.date", function()
+    for t = -86400 * 800, 86400 * 365 * 80, 86400 * 97 + 3671 do
+      local s = civil.http_date_text(t)
+      assert.equal(t, civil.http_date(s), s)
+      if t >= 0 then
+        assert.equal(os.date("!%a, %d %b %Y %H:%M:%S GMT", t), s)
+      end
+    end
+  end)
+end)

@@ -19,6 +19,7 @@ local faults = require "sim.faults"
 local config = require "sim.config"
 local identity = require "sim.identity"
 local rfc3339 = require("sim.certificates").rfc3339
+local http_date_text = require("paygate.civil").http_date_text
 
 local type, tostring, tonumber, setmetatable, pairs =
       type, tostring, tonumber, setmetatable, pairs
@@ -344,12 +345,21 @@ function _M.authenticate(req, target, signed_body)
   return m
 end
 
+-- The Date header of a /v3 answer: WeChat's clock (clock_offset ahead of
+-- the host's, now: the host's, default core.time()), as the
+-- Wechatpay-Timestamp it signs is; WeChat's Date and timestamp come from
+-- one clock (the runtime's Date would be the host's).
+local function date(now)
+  return http_date_text((now or core.time()) + S.cfg.clock_offset)
+end
+
 local function error_answer(e, rid_suffix)
   local body = { code = e.code, message = e.message }
   if e.detail ~= nil then body.detail = e.detail end
   return e.status, json.encode(body), {
     ["Content-Type"] = "application/json; charset=utf-8",
     ["Request-ID"] = request_id(rid_suffix or SUFFIX[e.code] or "268435456"),
+    ["Date"] = date(),
   }
 end
 
@@ -498,13 +508,15 @@ function _M.handle(req, target, endpoint, fn, opts, entry)
   body = body or ""
   if after then status, body = spoil_body(after, status, body) end
   local out = extra or {}
+  local now = core.time()
+  out["Date"] = date(now)
   if opts.raw then
     out["Request-ID"] = request_id(0)
     if after then entry.fault = after.id end
     return status, body, out
   end
   local sh = identity.sign_headers(body, { merchant = m,
-    request_serial = c.serial, fault = after })
+    request_serial = c.serial, fault = after, now = now })
   for k, v in pairs(sh) do out[k] = v end
   if body ~= "" and not out["Content-Type"] then
     out["Content-Type"] = "application/json; charset=utf-8"

@@ -465,12 +465,13 @@ end
 -- opts: merchant (from the config; its verifier_mode), request_serial (the
 -- request's Wechatpay-Serial or nil), notification (true for a
 -- notification), fault (from sim.faults, after phase:
--- bad_signature, stale_timestamp, unknown_serial, expired_certificate)
--- and extra headers to merge. returns: the Wechatpay-* headers, exact
--- spellings.
+-- bad_signature, stale_timestamp, unknown_serial, expired_certificate),
+-- now (the host's clock, default core.time(): the answer's Date is made
+-- from the same reading) and extra headers to merge. returns: the
+-- Wechatpay-* headers, exact spellings.
 function _M.sign_headers(body, opts)
   fresh()
-  local now = core.time()
+  local now = opts.now or core.time()
   local mode = opts.merchant and opts.merchant.verifier_mode
                or S.cfg.verifier_mode
   local id, key = choose(mode, opts.request_serial, now, opts.notification)
