@@ -308,6 +308,38 @@ describe("simulator: what a prepay handed out expires", function()
   end)
 end)
 
+-- WeChat answers a native prepay made again with a new code_url, and the
+-- old one becomes invalid. Was: every code_url handed out paid until
+-- prepay_ttl, so a spec could pay one its own re-entry had replaced.
+describe("simulator: a native prepay made again", function()
+  local sim
+
+  setup(function() sim = testing.simulator() end)
+  teardown(function()
+    for _, wx in pairs(sim and sim.spec_clients or {}) do wx:stop() end
+    testing.stop_all()
+  end)
+
+  it("hands out a new code_url, and the earlier one pays no more",
+     function()
+    local no, d1 = order(sim, "native")
+    local _, d2 = order(sim, "native", { no = no })
+    assert.are_not.equal(d1.code_url, d2.code_url)
+    local e = refused(sim, { code_url = d1.code_url }, 400, "PREPAY_EXPIRED",
+                      "code_url", no)
+    assert.matches("later prepay of order " .. no, e.message, 1, true)
+    assert.equal("SUCCESS", sim:pay_with{ code_url = d2.code_url }
+                              .trade_state)
+    -- (a prepay_id, on the other hand: whether WeChat keeps an earlier
+    -- one is not known; it pays until prepay_ttl)
+    local nj, j1 = order(sim, "jsapi")
+    local _, j2, wx = order(sim, "jsapi", { no = nj })
+    assert.are_not.equal(j1.prepay_id, j2.prepay_id)
+    assert.equal("SUCCESS", sim:pay_with(assert(wx:jsapi_pay_params(nil,
+      j1.prepay_id))).trade_state)
+  end)
+end)
+
 describe("simulator: the payer's client, national-crypto variant", function()
   local sim
 

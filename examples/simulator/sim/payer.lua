@@ -13,7 +13,8 @@
 -- A prepay_id and a code_url work for prepay_ttl seconds (WeChat: 2
 -- hours), an h5_url for h5_url_ttl (5 minutes), from the prepay that
 -- handed them out; time_scale (the notification schedule's) does not
--- apply. Each failure is { status, code, message, field }, field the
+-- apply. A code_url stops working once a later prepay of its order (a
+-- re-entry) hands out another, as WeChat's does. Each failure is { status, code, message, field }, field the
 -- parameter's name as the front end spells it.
 local core = require "paygate.core"
 local crypto = require "paygate.crypto"
@@ -255,6 +256,19 @@ function _M.pay(ctx, b)
   local ok
   ok, e = check_order(b, kind, o, m, cfg)
   if not ok then return nil, e end
+  -- a code_url is the order's newest only: a prepay made again (re-entry)
+  -- hands out a new one and the old one no longer pays, as WeChat does
+  if kind == "native" then
+    local later = assert(ctx.db:query("SELECT created_at FROM sim_pay_links"
+      .. " WHERE order_id = $1 AND id > $2 ORDER BY id LIMIT 1",
+      { o.id, l.id }))[1]
+    if later then
+      return fail(400, "PREPAY_EXPIRED", K.link, "code_url " .. key
+        .. " was replaced by the code_url of a later prepay of order "
+        .. o.out_trade_no .. " (" .. rfc3339(later.created_at) .. "): only"
+        .. " the newest code_url pays")
+    end
+  end
   local now = core.time()
   local ttl = o.trade_type == "MWEB" and cfg.h5_url_ttl or cfg.prepay_ttl
   if now >= l.created_at + ttl then
