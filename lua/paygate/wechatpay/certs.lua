@@ -406,8 +406,9 @@ local function download(wx)
   -- with paygate.shared (a mark per serial, kept until the certificate
   -- ends): a worker whose timer came too late to take another's set
   -- downloads it again, and would say it again; else once per worker. A
-  -- fresh start says its first set this way too
-  if added > 0 then
+  -- fresh start says its first set this way too. No mark while the line
+  -- is filtered out (config.logs): a line not said does not count as said
+  if added > 0 and config.logs(wx.conf, "info") then
     local held = 0
     for _ in pairs(wx.certs) do held = held + 1 end
     for _, cert in ipairs(new) do
@@ -529,7 +530,7 @@ function _M.report(wx, now)
                                             serial = st.newest })
       if ok then
         wx.gauge_serial = st.newest
-      elseif not wx.gauge_warned then
+      elseif not wx.gauge_warned and config.logs(wx.conf, "warn") then
         wx.gauge_warned = true
         log(wx).warn("wechatpay: cannot publish the certificate metric",
                    { mchid = mchid, error = tostring(err) })

@@ -40,8 +40,8 @@ end
 
 local function warn(wx, skew, now)
   -- (once per instance an interval: config.once_an_interval)
-  if not config.once_an_interval(wx, "clock_warned", _M.WARN_EVERY, now)
-  then
+  if not config.once_an_interval(wx, "warn", "clock_warned", _M.WARN_EVERY,
+                                 now) then
     return
   end
   local c = wx.conf

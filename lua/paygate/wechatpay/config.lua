@@ -761,13 +761,26 @@ function _M.logger(c)
   return l
 end
 
---- syntax: say = config.once_an_interval(wx, mark, every, now)
--- Whether this worker is the one to log the client's warning named mark
--- now: once per `every` seconds per instance (the first worker to set
--- the mark in the client's shared dict; the others look again in a
+--- syntax: yes = config.logs(c, level)
+-- Whether a line of the client at level ("debug" ... "error") is logged:
+-- neither c.log_level nor the runtime's --log-level filters it out. A
+-- mark that says a line once (per instance, an hour, ...) is set only
+-- when this holds: a line filtered out is not said, and the next client
+-- (or this one, the level lowered) that logs it must still say it.
+function _M.logs(c, level)
+  local n = LOG_LEVELS[level]
+  return n >= (LOG_LEVELS[c.log_level] or 0) and core.log_enabled(n)
+end
+
+--- syntax: say = config.once_an_interval(wx, level, mark, every, now)
+-- Whether this worker is the one to log the client's line at level named
+-- mark now: once per `every` seconds per instance (the first worker to
+-- set the mark in the client's shared dict; the others look again in a
 -- minute, not at every call: no dict write each), or per worker when the
--- client has no dict or the dict cannot take the mark (full).
-function _M.once_an_interval(wx, mark, every, now)
+-- client has no dict or the dict cannot take the mark (full). Never while
+-- the line would be filtered out (config.logs): no mark set then.
+function _M.once_an_interval(wx, level, mark, every, now)
+  if not _M.logs(wx.conf, level) then return false end
   local next_key = "once_next_" .. mark
   local at = wx[next_key]
   if at and now < at then return false end

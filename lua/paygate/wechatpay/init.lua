@@ -79,7 +79,7 @@ local replay_said = {}
 local function warn_replay_dict(wx)
   local c = wx.conf
   if c.replay_dict or wx.replay_dict == nil or wx.replay_dict ~= wx.dict
-     or replay_said[wx.replay_dict_name] then
+     or replay_said[wx.replay_dict_name] or not config.logs(c, "warn") then
     return
   end
   replay_said[wx.replay_dict_name] = true

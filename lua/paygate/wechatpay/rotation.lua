@@ -64,8 +64,9 @@ _M.key_name = key_name
 
 local function warn(wx, source, i, now)
   -- (once per instance an interval: config.once_an_interval)
-  if not config.once_an_interval(wx, "prev_apiv3_key_warned",
-                                 _M.WARN_EVERY, now) then
+  if not config.once_an_interval(wx, "warn",
+                                 "prev_apiv3_key_warned", _M.WARN_EVERY,
+                                 now) then
     return
   end
   local c = wx.conf
