@@ -98,8 +98,9 @@ end
 local db = boot.reach("the store", g.db, function() return sql.open(g.db) end,
                       "gateway.db", function(err)
   -- a PostgreSQL login refused for good: what to do, as doctor says it
-  local fix, why = sql.login_fix(g.db, err, "the gateway")
-  if why == "no_password" then
+  local fix, _, from_env = sql.login_fix(g.db, err, "the gateway",
+                                        "gateway.db")
+  if from_env then
     fix = fix .. ", in the gateway's own environment (under systemd,"
           .. " Environment=PGPASSFILE=... in its unit)"
   end

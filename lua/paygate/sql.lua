@@ -252,15 +252,28 @@ local function sqlite_parts(rest)
   return path, qs
 end
 
---- syntax: fix, why = sql.login_fix(url, err[, who])
+-- Whether a postgres:// URL gives the password itself (user:password@,
+-- or ?password=): libpq then takes no other (PGPASSWORD, PGPASSFILE)
+local function url_has_password(url)
+  local rest = tostring(url):match("^%a[%w+.-]*://(.*)$") or ""
+  local main, query = redact.split_query(rest)
+  local at = main:match(".*()@")
+  if at and main:sub(1, at - 1):match(":(.+)$") then return true end
+  return query:find("[?&]password=[^&]") ~= nil
+end
+
+--- syntax: fix, why, from_env = sql.login_fix(url, err[, who[, key]])
 -- What to do about a connect to a postgres:// URL refused for good (kind
 -- config: a login the server refused, docs/storage.md "A refused login
 -- is config"): one sentence chosen by the SQLSTATE in libpq's message, or
--- by libpq's own "no password supplied" (why "no_password", which a
--- caller follows with where its environment comes from). who: the
+-- by libpq's own "no password supplied" (why "no_password"). who: the
 -- program that connected, whose user's ~/.pgpass libpq read (default
--- "paygate"). nil for another error, or another engine's URL.
-function _M.login_fix(url, err, who)
+-- "paygate"); key: the config key that holds the URL, for the fix to
+-- name. from_env: true when the password at fault is the one libpq
+-- looked for in who's environment (no_password, and a 28P01 for a URL
+-- that gives none), which a caller follows with whose environment counts.
+-- nil for another error, or another engine's URL.
+function _M.login_fix(url, err, who, key)
   if type(err) ~= "table" or err.kind ~= "config"
      or not tostring(url):match("^postgres") then
     return nil
@@ -272,13 +285,18 @@ function _M.login_fix(url, err, who)
              .. " PGPASSWORD"
   if msg:find("no password supplied", 1, true) then
     return "the server asks for a password and none was given: libpq reads"
-           .. " it from " .. pw, "no_password"
+           .. " it from " .. pw, "no_password", true
   end
   local state = msg:match(":  (%w%w%w%w%w): ")
   if state == "28P01" then
-    return "the server refused the password for the URL's user: fix it"
-           .. " where " .. who .. " reads it (" .. pw .. ", or the URL)",
-           state
+    local the_url = key and "the URL in " .. key or "the URL"
+    if url_has_password(url) then
+      return "the server refused the password " .. the_url .. " gives for"
+             .. " its user: fix it there", state
+    end
+    return "the server refused the password for the URL's user, which "
+           .. the_url .. " does not give: fix it where libpq took it from, "
+           .. pw, state, true
   elseif state == "3D000" then
     local name = tostring(url):match("^%a+://[^/?#]*/([^/?#]+)")
     return "the server has no database " .. (name or "of the URL's name")

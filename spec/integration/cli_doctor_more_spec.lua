@@ -627,8 +627,28 @@ describe("paygate doctor", function()
                               .. "/postgres")
         assert.equal(1, code, out)
         assert.matches("28P01", r.database.cause, 1, true)
-        assert.matches("refused the password", r.database.fix, 1, true)
+        -- (the config's URL gives it: fixed there, whoever connects)
+        assert.matches("refused the password the URL in database gives"
+                       .. " for its user: fix it there", r.database.fix, 1,
+                       true)
         assert.is_nil(out:find("wrongpw", 1, true), out)
+        -- a wrong password from doctor's environment (PGPASSWORD), the URL
+        -- giving none: it is the gateway's environment that counts.
+        -- Before: "fix it where doctor reads it", as if doctor's password
+        -- were the one to fix
+        code, out, r = run({ "doctor", "--json", "--config",
+          config{ database = "postgres://postgres@" .. base .. "/postgres" }
+        }, { "/usr/bin/env", "PGPASSWORD=wrongenvpw",
+             "PGPASSFILE=" .. dir .. "/no-pgpass" })
+        assert.equal(1, code, out)
+        assert.matches("28P01", r.database.cause, 1, true)
+        assert.matches("refused the password for the URL's user, which the"
+          .. " URL in database does not give: fix it where libpq took it"
+          .. " from, PGPASSFILE (default ~/.pgpass of the user running"
+          .. " doctor", r.database.fix, 1, true)
+        assert.matches("run doctor with the environment the gateway runs"
+                       .. " with", r.database.fix, 1, true)
+        assert.is_nil(out:find("wrongenvpw", 1, true), out)
         -- a database that does not exist
         code, out, r = doctor("postgres://postgres:doctorpw@" .. base
                               .. "/gatewy")

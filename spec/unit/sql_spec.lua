@@ -1126,6 +1126,47 @@ describe("sql.open on SQLite without WAL", function()
   end)
 end)
 
+-- A wrong password (28P01) is fixed where it came from: the URL, when it
+-- gives one (libpq then reads no PGPASSWORD or ~/.pgpass), else the
+-- connecting program's environment (from_env, for the caller to say whose
+-- environment counts). Was: one sentence for both, "fix it where doctor
+-- reads it", as if doctor's password were the one to fix.
+describe("sql.login_fix", function()
+  local core = require "paygate.core"
+  local refused = core.error("config", "postgres: connect: connection to"
+    .. ' server at "127.0.0.1", port 5432 failed: FATAL:  28P01: password'
+    .. ' authentication failed for user "gw"')
+
+  it("a refused password: the URL's, or the environment's", function()
+    for _, url in ipairs({ "postgres://gw:pw@127.0.0.1/gw",
+                           "postgresql://gw:p%40w@h1,h2/gw?sslmode=require",
+                           "postgres://gw@127.0.0.1/gw?password=pw" }) do
+      local fix, why, from_env = sql.login_fix(url, refused, "doctor",
+                                               "gateway.db")
+      assert.equal("the server refused the password the URL in gateway.db"
+                   .. " gives for its user: fix it there", fix, url)
+      assert.equal("28P01", why)
+      assert.is_nil(from_env)
+    end
+    for _, url in ipairs({ "postgres://gw@127.0.0.1/gw",
+                           "postgres://gw:@127.0.0.1/gw?sslpassword=x",
+                           "postgres://127.0.0.1/gw?password=" }) do
+      local fix, why, from_env = sql.login_fix(url, refused, "doctor")
+      assert.matches("the server refused the password for the URL's user,"
+        .. " which the URL does not give: fix it where libpq took it from,"
+        .. " PGPASSFILE (default ~/.pgpass of the user running doctor", fix,
+        1, true)
+      assert.equal("28P01", why)
+      assert.is_true(from_env, url)
+    end
+    local _, why, from_env = sql.login_fix("postgres://gw@h/gw",
+      core.error("config", "postgres: connect: fe_sendauth: no password"
+                 .. " supplied"))
+    assert.same({ "no_password", true }, { why, from_env })
+    assert.is_nil(sql.login_fix("sqlite:x.db", refused))
+  end)
+end)
+
 describe("sql.open options", function()
   local function raises(url, opts, pattern)
     local ok, err = pcall(sql.open, url, opts)

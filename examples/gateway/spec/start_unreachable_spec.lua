@@ -91,8 +91,8 @@ describe("gateway start with its stores unreachable", function()
       .. " postgres://postgres@127.0.0.1:" .. pg.port .. "/postgres:"
       .. " postgres: connect: connection to server at \"127.0.0.1\", port "
       .. pg.port .. " failed: FATAL:  28P01: password authentication failed"
-      .. " for user \"postgres\"; fix: the server refused the password for"
-      .. " the URL's user: fix it where the gateway reads it (PGPASSFILE",
+      .. " for user \"postgres\"; fix: the server refused the password the"
+      .. " URL in gateway.db gives for its user: fix it there",
       { "wrong-pw-07bd", "right-pw-61aa" })
     -- no password at all (the service's PGPASSFILE not set): where libpq
     -- looks for one, and that it is the gateway's environment that counts

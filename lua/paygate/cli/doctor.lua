@@ -1672,18 +1672,22 @@ end
 -- The fix of a database that did not open. A PostgreSQL login the server
 -- refused for good (paygate.sql's kind config: libpq's message carries
 -- the SQLSTATE, or its own "no password supplied") is no server down:
--- say what was refused. doctor runs with the operator's environment, not
--- the service's, so a password libpq did not find may be one the gateway
--- finds (its PGPASSFILE): the fix says so.
-local function database_fix(url, err)
-  local fix, why = require("paygate.sql").login_fix(url, err, "doctor")
+-- say what was refused, naming the config key of the URL (key). doctor
+-- runs with the operator's environment, not the service's, so a password
+-- libpq did not find there, or found wrong (PGPASSWORD, ~/.pgpass: the
+-- URL giving none), may be one the gateway finds right (its PGPASSFILE):
+-- the fix says so.
+local function database_fix(url, err, key)
+  local fix, _, from_env = require("paygate.sql").login_fix(url, err,
+                                                            "doctor", key)
   if not fix then
     return "check database (sqlite:PATH or postgres://...) and that the"
            .. " server runs"
   end
-  if why == "no_password" then
-    fix = fix .. "; run doctor with the environment the gateway runs with"
-          .. " (its service's PGPASSFILE)"
+  if from_env then
+    fix = fix .. "; doctor looked in your environment, not the gateway's:"
+          .. " run doctor with the environment the gateway runs with (its"
+          .. " service's PGPASSFILE)"
   end
   return fix
 end
@@ -1724,7 +1728,8 @@ local function stores(out, conf)
                  "fix that option of database (docs/storage.md lists them)")
       else
         out:fail("database", "cannot open the database: " .. tostring(err),
-                 nil, database_fix(conf.database, err))
+                 nil, database_fix(conf.database, err, conf.from_gateway
+                                   and "gateway.db" or "database"))
       end
     end
   else
