@@ -466,17 +466,23 @@ describe("paygate upgrade", function()
   it("refused: the master is a systemd service's main process", function()
     -- a wrapper execs the binary as systemd's ExecStart would: the master
     -- is the process systemd started (SYSTEMD_EXEC_PID), its exit the
-    -- service's end, the new master stopped with it
+    -- service's end, the new master stopped with it. No NOTIFY_SOCKET
+    -- (Type=simple): systemd cannot follow it to the new master (with
+    -- one, it upgrades: systemd_notify_spec)
     local bin = copy_bin()
     local wrapper = bin .. "-unit"
-    proc.write(wrapper, "#!/bin/sh\nSYSTEMD_EXEC_PID=$$ INVOCATION_ID=0f "
-                        .. "exec " .. proc.sh_quote(bin) .. ' "$@"\n')
+    proc.write(wrapper, "#!/bin/sh\nunset NOTIFY_SOCKET\n"
+                        .. "SYSTEMD_EXEC_PID=$$ INVOCATION_ID=0f exec "
+                        .. proc.sh_quote(bin) .. ' "$@"\n')
     assert(os.execute("chmod 755 " .. proc.sh_quote(wrapper)))
     s = server.start{ source = WHO, bin = wrapper }
     local code, said = upgrade(s, bin)
     assert.equal(1, code, said)
     assert.matches("paygate upgrade: refused: this master is the main "
-                   .. "process of a systemd service: .*`paygate reload`.*"
+                   .. "process of a systemd service: .*no NOTIFY_SOCKET: "
+                   .. "a Type=simple service cannot follow it to a new "
+                   .. "master.*run it as Type=notify with NotifyAccess=all "
+                   .. "to upgrade under systemd, or .*`paygate reload`.*"
                    .. "systemctl restart", said)
     assert.matches(("pid %d keeps serving"):format(s.pid), said)
     assert.equal(tostring(s.pid), assert(s:request("/who")).body)
@@ -484,9 +490,9 @@ describe("paygate upgrade", function()
     s:stop()
     -- a wrapper shell that runs the binary as its child (no exec: the
     -- shell is the service's main process, and exits with the master)
-    proc.write(wrapper, "#!/bin/sh\nexport SYSTEMD_EXEC_PID=$$ "
-                        .. "INVOCATION_ID=0f\n" .. proc.sh_quote(bin)
-                        .. ' "$@"\n')
+    proc.write(wrapper, "#!/bin/sh\nunset NOTIFY_SOCKET\n"
+                        .. "export SYSTEMD_EXEC_PID=$$ INVOCATION_ID=0f\n"
+                        .. proc.sh_quote(bin) .. ' "$@"\n')
     -- (the master is the shell's child: its pid is not the one started)
     s = server.start{ source = WHO, bin = wrapper, wait = false }
     local master

@@ -79,7 +79,12 @@ static const char usage_run[] =
 "  -h, --help            this text\n"
 "\n"
 "signals: HUP reloads the code (and TLS files), USR2 upgrades the binary\n"
-"(paygate upgrade --help), TERM/INT stop gracefully.\n";
+"(paygate upgrade --help), TERM/INT stop gracefully.\n"
+"\n"
+"Under systemd (Type=notify: NOTIFY_SOCKET set) the master says READY=1\n"
+"once every worker serves, RELOADING=1 and READY=1 around a reload,\n"
+"STOPPING=1 at a stop, and MAINPID for an upgrade's new master (a unit\n"
+"file: examples/systemd/paygate.service).\n";
 
 static const char usage_exec[] =
 "usage: paygate exec SCRIPT.lua [ARGS...]\n"
@@ -138,8 +143,11 @@ static const char usage_upgrade[] =
 "process group (its workers too); no other upgrade starts until then.\n"
 "Refused while a reload is loading (and a reload is refused during an\n"
 "upgrade), and where the old master's exit would end the server anyway:\n"
-"it is PID 1 (a container's init) or a systemd service's main process;\n"
-"there, paygate reload loads new code and a restart a new binary.\n"
+"it is PID 1 (a container's init), or a systemd service's main process\n"
+"with no NOTIFY_SOCKET (Type=simple: systemd cannot follow it to the new\n"
+"master); there, paygate reload loads new code and a restart a new\n"
+"binary. Under Type=notify with NotifyAccess=all it upgrades: the new\n"
+"master tells systemd MAINPID=<its pid> as it takes over.\n"
 "Shared dictionaries, metrics counters and TLS session tickets start\n"
 "afresh in the new master (README, Running).\n";
 

@@ -6,7 +6,10 @@
  * (/metrics, /healthz). On USR2 (`paygate upgrade`) it starts the binary
  * found where it was started from as a new master, which takes over its
  * listening sockets (nothing binds again, nothing is refused) and tells it
- * to stop gracefully once all its own workers serve.
+ * to stop gracefully once all its own workers serve. Under systemd
+ * ($NOTIFY_SOCKET) it says its state: READY=1 once every worker serves,
+ * RELOADING=1 and READY=1 around a reload, STOPPING=1, and an upgrade's
+ * new master MAINPID=<its pid> as it takes over.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -33,6 +36,7 @@
 #include "loop.h"
 #include "master.h"
 #include "metrics.h"
+#include "sdnotify.h"
 #include "shdict.h"
 #include "tls.h"
 #include "watchdog.h"
@@ -128,6 +132,12 @@ static struct {
     /* this master as an upgrade's new one: */
     struct event     *handover_ev;  /* owned: watches up.fd for the go */
     int               handover_sent; /* 'R' sent: all our workers serve */
+    /* systemd's notify socket ($NOTIFY_SOCKET, sdnotify.h): */
+    int               sd_on;        /* this master speaks for the service:
+                                       from its start, an upgrade's new one
+                                       from its takeover; 0 once it has
+                                       handed over to a new one */
+    int               sd_ready;     /* READY=1 said for the start */
 } m;
 
 /* What an upgrade's old master handed this one (PAYGATE_INHERIT, read by
@@ -169,6 +179,8 @@ static void upgrade_gone(int status);
 static void upgrade_end(const char *why, int term);
 static void handover_ready(void);
 static void on_term(evutil_socket_t sig, short what, void *arg);
+static void sd_started(void);
+static const char *serving_what(char *buf, size_t len);
 
 /* Whether a worker of the first generation that fails to load ends this
  * master's start: before any worker served, and, for an upgrade's new
@@ -352,12 +364,30 @@ reload_line(int n, const char *what)
     return status_file(".reload", line);
 }
 
+/* A reload's outcome: counted, in PID_FILE.reload, and to systemd (its
+ * READY=1 after the RELOADING=1 of on_hup: `systemctl reload` of a
+ * Type=notify-reload service returns then; STATUS says how it ended). */
 static void
 reload_status(int ok, const char *what)
 {
     char line[1024];
 
     m.reloads_done++;
+    if (m.sd_on && m.sd_ready) {
+        char serving[160];
+
+        if (ok) {
+            gw_sd_notifyf("READY=1\nSTATUS=serving %s (generation %d; "
+                          "reloaded)", serving_what(serving,
+                                                    sizeof(serving)), m.gen);
+        } else {
+            char why[1024];
+
+            snprintf(why, sizeof(why), "%s", what);
+            gw_sd_notifyf("READY=1\nSTATUS=reload refused: %s; generation "
+                          "%d serves on", gw_sd_line(why), m.gen);
+        }
+    }
     if (m.o->pid_file[0] == '\0') {
         return;
     }
@@ -452,32 +482,69 @@ reload_commit(void)
         }
         reload_status(1, what);
     }
+    sd_started();   /* a reload made before the start was whole */
     if (m.reload_again) {
         m.reload_again = 0;
         raise(SIGHUP);
     }
 }
 
+/* "http://127.0.0.1:8080 with 4 workers", the addresses as bound (a
+ * listen on port 0 gets its port here): what the serving line and
+ * systemd's STATUS name. Returns buf. */
+static const char *
+serving_what(char *buf, size_t len)
+{
+    const struct gw_opts *o = m.o;
+    char lbuf[80];
+
+    snprintf(buf, len, "%s%s with %d worker%s",
+             m.ssl_ctx ? "https://" : "http://",
+             gw_bound_addr(m.listen_fd, o->listen, lbuf, sizeof(lbuf)),
+             o->workers, o->workers == 1 ? "" : "s");
+    return buf;
+}
+
 /* The first worker is ready: only now does the master say it is serving,
- * so an app that refuses its configuration leaves just its own line. It
- * names the addresses as bound (a listen on port 0 gets its port here). */
+ * so an app that refuses its configuration leaves just its own line. */
 static void
 announce(void)
 {
     const struct gw_opts *o = m.o;
-    char lbuf[80], abuf[80];
+    char what[160], abuf[80];
 
     if (m.served) {
         return;
     }
     m.served = 1;
-    gw_log(GW_LOG_INFO, "paygate: serving %s on %s%s with %d worker%s%s%s",
-           o->app_dir, m.ssl_ctx ? "https://" : "http://",
-           gw_bound_addr(m.listen_fd, o->listen, lbuf, sizeof(lbuf)),
-           o->workers, o->workers == 1 ? "" : "s",
+    gw_log(GW_LOG_INFO, "paygate: serving %s on %s%s%s", o->app_dir,
+           serving_what(what, sizeof(what)),
            m.admin_fd >= 0 ? "; admin on " : "",
            m.admin_fd >= 0 ? gw_bound_addr(m.admin_fd, o->admin, abuf,
                                         sizeof(abuf)) : "");
+}
+
+/* systemd: the service is up. READY=1 (a Type=notify start ends here),
+ * MAINPID (this master: an upgrade's new one moves the service to it)
+ * and STATUS naming what serves. */
+static void
+sd_ready_now(void)
+{
+    char what[160];
+
+    m.sd_ready = 1;
+    gw_sd_notifyf("READY=1\nMAINPID=%d\nSTATUS=serving %s (generation %d)",
+                  (int) getpid(), serving_what(what, sizeof(what)), m.gen);
+}
+
+/* systemd: READY=1 once every worker of the serving generation serves
+ * (the first one's serving line is earlier); once, at the start. */
+static void
+sd_started(void)
+{
+    if (m.sd_on && !m.sd_ready && count(m.gen, W_READY) >= m.o->workers) {
+        sd_ready_now();
+    }
 }
 
 static void
@@ -501,6 +568,7 @@ on_ready(evutil_socket_t fd, short what, void *arg)
             handover_ready();   /* goes them all once all have loaded */
         } else if (wk->gen != m.next_gen) {
             go(wk);         /* the serving generation: a start, a restart */
+            sd_started();
         } else if (count(m.next_gen, W_READY) == m.o->workers) {
             reload_commit();    /* tells the whole generation to go */
         }
@@ -591,6 +659,9 @@ spawn_worker(int gen)
         }
         signal(SIGTERM, SIG_DFL);
         signal(SIGINT, SIG_DFL);
+        /* only the master speaks to systemd: a process the app starts
+         * would otherwise be taken for it */
+        unsetenv(GW_SD_ENV);
         rc = gw_worker_main(m.o, m.listen_fd,
                             gen == m.gen ? m.ssl_ctx
                             : (m.ssl_next ? m.ssl_next : m.ssl_ctx),
@@ -706,6 +777,17 @@ on_hup(evutil_socket_t sig, short what, void *arg)
                "its start)", (int) up.from);
         return;
     }
+    if (m.next_gen != 0) {
+        /* said to systemd with the reload after this one: the one
+         * loading read the code before this HUP */
+        m.reload_again = 1;
+        return;
+    }
+    if (m.sd_on && m.sd_ready) {
+        /* each outcome below says READY=1 (reload_status) */
+        gw_sd_notifyf("RELOADING=1\nMONOTONIC_USEC=%llu\nSTATUS=reloading",
+                      (unsigned long long) gw_sd_monotonic_usec());
+    }
     if (m.upgrade_pid != 0) {
         /* the new master read the code at its start, before this HUP:
          * a reload of ours would be dropped at the handover, and what
@@ -717,10 +799,6 @@ on_hup(evutil_socket_t sig, short what, void *arg)
         gw_log(GW_LOG_ERROR, "reload refused: %s; generation %d keeps "
                              "serving", err, m.gen);
         reload_status(0, err);
-        return;
-    }
-    if (m.next_gen != 0) {
-        m.reload_again = 1;
         return;
     }
     gw_log(GW_LOG_INFO, "reload: loading the new code");
@@ -1008,6 +1086,11 @@ on_chld(evutil_socket_t sig, short what, void *arg)
         wk->pid = 0;
     }
     if (m.failed_start) {
+        if (m.sd_on) {
+            gw_sd_notifyf("STATUS=the app failed to start: %s",
+                          m.start_why[0] != '\0' ? gw_sd_line(m.start_why)
+                          : "see the log");
+        }
         if (m.start_code == 2) {
             gw_log(GW_LOG_DEBUG, "paygate: the app refused its "
                                  "configuration; stopping");
@@ -1052,6 +1135,10 @@ on_term(evutil_socket_t sig, short what, void *arg)
     }
     m.stopping = 1;
     gw_log(GW_LOG_INFO, "master: stopping (draining in-flight requests)");
+    if (m.sd_on) {
+        gw_sd_notify("STOPPING=1\nSTATUS=stopping: draining in-flight "
+                     "requests");
+    }
     if (m.upgrade_pid != 0) {
         /* its workers wait for its go: it stops as we do, and this
          * master waits until it has ended or been killed */
@@ -1290,7 +1377,7 @@ pid_file_pid(const char *path)
 static void
 upgrade_line(int owner, int n, const char *what)
 {
-    char line[600];
+    char line[800];
 
     if (m.o->pid_file[0] == '\0') {
         return;
@@ -1320,7 +1407,7 @@ upgrade_forget(void)
 static void
 upgrade_refused(const char *why)
 {
-    char what[500];
+    char what[700];
 
     upgrade_forget();
     gw_log(GW_LOG_ERROR, "upgrade refused: %s; pid %d keeps serving", why,
@@ -1500,6 +1587,15 @@ upgrade_done(void)
         return;
     }
     upgrade_forget();
+    if (m.sd_on) {
+        /* the service is the new master's from now (it says so too, with
+         * READY=1, but it may not be systemd's main process yet when it
+         * does): named before this master exits, so that systemd never
+         * takes that exit for the service's end; nothing more from this
+         * one (no STOPPING=1: the service goes on) */
+        gw_sd_notifyf("MAINPID=%d", (int) pid);
+        m.sd_on = 0;
+    }
     if (m.o->pid_file[0] != '\0') {
         char line[32];
 
@@ -1562,7 +1658,10 @@ on_upgrade_timeout(evutil_socket_t fd, short what, void *arg)
  * process a systemd service started or its child (SYSTEMD_EXEC_PID, systemd 248 on;
  * before it, INVOCATION_ID with systemd as the parent): its main process,
  * whose exit systemd takes for the service's end, stopping the rest of
- * its cgroup, the new master with it. Says why in why; 0 when not.
+ * its cgroup, the new master with it -- unless systemd listens on
+ * $NOTIFY_SOCKET (Type=notify): then it follows the main process to the
+ * new master, which names itself (MAINPID=) as it takes over, as this one
+ * names it before it exits. Says why in why; 0 when not.
  */
 static int
 upgrade_cannot_survive(char *why, size_t len)
@@ -1580,15 +1679,19 @@ upgrade_cannot_survive(char *why, size_t len)
     /* (or its child: ExecStart a shell that runs paygate without exec,
      * sh -c "cd /srv; paygate run ...": the shell is the main process, and
      * exits when this master does) */
-    if ((exec_pid != NULL && (atoi(exec_pid) == (int) getpid()
-                              || atoi(exec_pid) == (int) getppid()))
-        || (exec_pid == NULL && getenv("INVOCATION_ID") != NULL
-            && getppid() == 1)) {
+    if (!gw_sd_listening()
+        && ((exec_pid != NULL && (atoi(exec_pid) == (int) getpid()
+                                  || atoi(exec_pid) == (int) getppid()))
+            || (exec_pid == NULL && getenv("INVOCATION_ID") != NULL
+                && getppid() == 1))) {
         int child = exec_pid != NULL
                     && atoi(exec_pid) == (int) getppid();
         snprintf(why, len, "this master is the main process of a systemd "
                  "service%s: systemd takes its exit for the service's end "
-                 "and stops the new master with it; %s (systemctl restart)",
+                 "and stops the new master with it (no " GW_SD_ENV ": a "
+                 "Type=simple service cannot follow it to a new master); "
+                 "run it as Type=notify with NotifyAccess=all to upgrade "
+                 "under systemd, or %s (systemctl restart)",
                  child ? " (through the shell that started it, which ends "
                  "with it)" : "", fix);
         return 1;
@@ -1609,7 +1712,7 @@ on_usr2(evutil_socket_t sig, short what, void *arg)
 {
     double secs = m.o->upgrade_timeout;
     struct timeval tv;
-    char env[200], why[400];
+    char env[200], why[600];
     int p[2];
     pid_t pid;
 
@@ -1817,6 +1920,8 @@ on_handover(evutil_socket_t fd, short what, void *arg)
     if (done) {
         gw_log(GW_LOG_INFO, "upgrade: took over from pid %d (it drains "
                "and exits)", (int) up.from);
+        m.sd_on = 1;
+        sd_ready_now();     /* MAINPID: systemd follows this master */
         return;
     }
     gw_log(GW_LOG_ERROR, "upgrade: the old master (pid %d) did not hand "
@@ -1917,6 +2022,7 @@ gw_master_main(struct gw_opts *o, const struct gw_opts *file,
     m.o = o;
     m.admin_fd = -1;
     m.upgrade_fd = -1;
+    m.sd_on = up.fd < 0;    /* an upgrade's new master: once it took over */
     self_exe = exe;
     self_argv = argv;
     gw_log_min = o->log_level;
