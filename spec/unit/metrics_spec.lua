@@ -174,4 +174,22 @@ describe("paygate.metrics.histogram", function()
     assert.same({ 2, 5.05 }, { h:get({ a = "x" }) })
     assert.same({ 1, -1 }, { h:get({ a = "y" }) })
   end)
+
+  -- counts gathered elsewhere (paygate.sql's commit times, kept by the
+  -- store's writer thread) added at once: n observations of one value
+  it("observes a value n times at once; 0 makes the series", function()
+    local h = metrics.histogram("spec_many_seconds", "h", { "a" },
+                                { buckets = { 0.1, 1 } })
+    assert.is_true(h:observe(0.5, { a = "x" }, 4))
+    assert.same({ 4, 2 }, { h:get({ a = "x" }) })
+    assert.is_true(h:observe(0.5, { a = "z" }, 0))
+    assert.same({ 0, 0 }, { h:get({ a = "z" }) })
+    for _, n in ipairs({ -1, 1.5, 0 / 0, math.huge, "2", 2 ^ 54 }) do
+      assert.has_error(function() h:observe(0.5, { a = "x" }, n) end,
+        "histogram:observe: n must be a whole number >= 0")
+    end
+    -- (the sum would be infinite)
+    assert.has_error(function() h:observe(1e300, { a = "x" }, 1e10) end)
+    assert.same({ 4, 2 }, { h:get({ a = "x" }) })
+  end)
 end)

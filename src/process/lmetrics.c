@@ -30,6 +30,7 @@
  *   local h = metrics.histogram("myapp_job_seconds", "Job time.",
  *                               { "queue" }, { buckets = { 0.1, 1, 10 } })
  *   h:observe(0.42, { queue = "mail" })
+ *   h:observe(0.42, { queue = "mail" }, 3)     -- three of them at once
  *   count, sum = h:get({ queue = "mail" })     -- this worker's
  *
  * Histograms are summed and capped as counters are (default max_series
@@ -38,6 +39,7 @@
  * series at most.
  */
 #include <float.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -666,15 +668,18 @@ hist_family(struct gw_lhist *h)
     return c->family;
 }
 
-/* syntax: ok, err = h:observe(value[, labels]) -- value a finite
- * number. err kind "full" when this worker holds GW_METRICS_HFAMILIES
- * histogram names. */
+/* syntax: ok, err = h:observe(value[, labels[, n]]) -- value a finite
+ * number; n: that many observations of value (a whole number >= 0,
+ * default 1: counts gathered elsewhere, added at once; 0 makes the
+ * series, at 0). err kind "full" when this worker holds
+ * GW_METRICS_HFAMILIES histogram names. */
 static int
 lmetrics_observe(lua_State *L)
 {
     struct gw_lhist *h = gw_checkudata(L, 1, LMETRICS_HIST_MT);
     char labels[GW_METRICS_LABELS_MAX];
     double v = lua_tonumber(L, 2);
+    double n = 1;
     int fits, f;
 
     /* an infinity would leave the series' sum infinite for good */
@@ -684,10 +689,20 @@ lmetrics_observe(lua_State *L)
         return luaL_error(L, "histogram:observe: value must be a finite "
                           "number");
     }
+    if (!lua_isnoneornil(L, 4)) {
+        n = lua_tonumber(L, 4);
+        /* (v * n must stay finite too: the sum) */
+        if (lua_type(L, 4) != LUA_TNUMBER || !(n >= 0) || n > 0x1p53
+            || n != floor(n) || (n > 0 && fabs(v) > DBL_MAX / n))
+        {
+            return luaL_error(L, "histogram:observe: n must be a whole "
+                              "number >= 0");
+        }
+    }
     fits = counter_labels(L, &h->c, 3, "histogram:observe", labels,
                           sizeof(labels));
     f = hist_family(h);
-    if (f < 0 || gw_metrics_histogram_observe(f, fits ? labels : NULL, v)
+    if (f < 0 || gw_metrics_histogram_observe(f, fits ? labels : NULL, v, n)
                  != GW_OK) {
         return gw_push_error(L, "full", 0, "histogram %s: this worker holds "
                              "%d histogram names already", h->c.name,

@@ -849,7 +849,8 @@ hist_bucket(const double *le, int nle, double v)
 }
 
 int
-gw_metrics_histogram_observe(int family, const char *labels, double v)
+gw_metrics_histogram_observe(int family, const char *labels, double v,
+                             double n)
 {
     struct gw_hist_family *fm;
     struct gw_hist_series *h;
@@ -866,9 +867,9 @@ gw_metrics_histogram_observe(int family, const char *labels, double v)
     fm = &mine->hfam[family];
     h = &mine->hist[i];
     b = isnan(v) ? fm->nle : hist_bucket(fm->le, fm->nle, v);
-    x = h->n[b] + 1;
+    x = h->n[b] + n;
     __atomic_store(&h->n[b], &x, __ATOMIC_RELAXED);
-    x = h->sum + v;
+    x = h->sum + v * n;
     __atomic_store(&h->sum, &x, __ATOMIC_RELAXED);
     return GW_OK;
 }

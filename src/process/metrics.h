@@ -100,10 +100,11 @@ int gw_metrics_histogram_family(const char *name, const char *help,
                                 const char *overflow_labels, int max_series,
                                 const double *le, int nle);
 
-/* Worker: counts v into the series (family, labels); labels NULL (or a
- * new label set past the cap) counts into the overflow series. GW_OK, or
- * GW_ERR for a bad family. */
-int gw_metrics_histogram_observe(int family, const char *labels, double v);
+/* Worker: counts v, n times (n >= 0, a whole number), into the series
+ * (family, labels); labels NULL (or a new label set past the cap) counts
+ * into the overflow series. GW_OK, or GW_ERR for a bad family. */
+int gw_metrics_histogram_observe(int family, const char *labels, double v,
+                                 double n);
 
 /* Worker: this worker's count and sum of (family, labels); 0 and 0 when
  * not held. */
