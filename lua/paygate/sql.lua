@@ -90,6 +90,178 @@ local function noted(engine, res, err)
   return res, err
 end
 
+-- The store's health on /metrics, per handle an app opened, labels
+-- engine and store (a SQLite file's name; a PostgreSQL URL's hosts and
+-- database, no user, password or options):
+--   paygate_store_commits_total            COMMITs (fsyncs) of the writer
+--   paygate_store_committed_writes_total   writes they acknowledged
+--   paygate_store_commit_duration_seconds  histogram: each COMMIT's time
+--   paygate_store_reads_total{where}       inline, or on a reader thread
+--   paygate_store_round_trips_total        PostgreSQL: requests answered
+-- from db:stats(), the difference since the last round added every second
+-- by a task of each worker (paygate run; not paygate exec) and once more
+-- on db:close() and a graceful stop. Handles on one file (or database)
+-- add to one series; past MAX_STORES of them a worker counts the rest in
+-- the _overflow series, so handles opened and closed on new files one
+-- after another add no series without bound.
+local MAX_STORES = 8
+local health                 -- the metrics; false: no paygate.metrics
+local health_on              -- true once publishing (a worker, or a spec)
+local health_dbs = setmetatable({}, { __mode = "k" })  -- db -> published
+local health_task            -- the worker's publishing task
+
+local function health_metrics()
+  if health == nil then
+    local ok, m = pcall(require, "paygate.metrics")
+    health = false
+    if ok and type(m) == "table" and m.histogram then
+      local by = { "engine", "store" }
+      local opts = { max_series = MAX_STORES }
+      local mok, t = pcall(function()
+        local le = require("paygate.sqlite.core").commit_le
+        return {
+          commits = m.counter("paygate_store_commits_total",
+            "COMMITs of the store's writer (each one fsync), by store.",
+            by, opts),
+          writes = m.counter("paygate_store_committed_writes_total",
+            "Writes the store's COMMITs acknowledged (group commit: many"
+            .. " per COMMIT), by store.", by, opts),
+          duration = m.histogram("paygate_store_commit_duration_seconds",
+            "Time of each COMMIT of the store's writer (its fsync), by"
+            .. " store.", by, { buckets = le, max_series = MAX_STORES }),
+          reads = m.counter("paygate_store_reads_total",
+            "Queries served on the loop (where=inline) or by a reader"
+            .. " thread (where=reader), by store.",
+            { "engine", "store", "where" },
+            { max_series = 2 * MAX_STORES }),
+          round_trips = m.counter("paygate_store_round_trips_total",
+            "Requests the PostgreSQL server answered (a statement, a"
+            .. " script, an atomic job), by store.", by, opts),
+        }
+      end)
+      health = mok and t or false
+    end
+  end
+  return health or nil
+end
+
+-- The store label of a URL: a SQLite file's name, or a PostgreSQL URL's
+-- hosts and database (no user, password or options), at most 64 bytes
+local function store_label(engine, url, path)
+  local name
+  if engine == "sqlite" then
+    name = path:match("([^/]*)$")
+  else
+    local base = redact.split_query(url)
+    local main = base:match("^%a[%w+.-]*://(.*)$") or ""
+    name = main:match(".*@(.*)$") or main
+  end
+  if name == "" then name = "-" end
+  return name:sub(1, 64)
+end
+
+-- Adds db's counts since the last round (was) to the metrics; pcall: a
+-- metric must never fail a store call, nor raise in db:close().
+local function health_add(m, db, was)
+  local st = db.h:stats()
+  local l = was.labels
+  local function add(c, labels, key)
+    local d = (st[key] or 0) - (was[key] or 0)
+    if d > 0 then
+      pcall(c.inc, c, labels, d)
+      was[key] = st[key]
+    end
+  end
+  if db.engine == "postgres" then
+    add(m.round_trips, l, "round_trips")
+    return
+  end
+  add(m.commits, l, "commits")
+  add(m.writes, l, "writes")
+  add(m.reads, was.inline, "reads_inline")
+  add(m.reads, was.reader, "reads_reader")
+  local seen = was.buckets
+  local lo = 0
+  for i, b in ipairs(st.commit_buckets) do
+    local s = seen[i]
+    if not s then
+      s = { count = 0, seconds = 0 }
+      seen[i] = s
+    end
+    local n = b.count - s.count
+    if n > 0 then
+      -- n commits of this bucket, observed at their mean (within the
+      -- bucket, whose bounds are the histogram's): the sum is theirs
+      local v = (b.seconds - s.seconds) / n
+      if v > b.le then v = b.le end
+      if v <= lo then v = b.le < math.huge and (lo + b.le) / 2 or lo * 2 end
+      pcall(m.duration.observe, m.duration, v, l, n)
+      s.count, s.seconds = b.count, b.seconds
+    end
+    lo = b.le
+  end
+end
+
+local function health_publish()
+  local m = health_metrics()
+  if not m then return end
+  for db, was in pairs(health_dbs) do
+    if not db.closed then
+      pcall(health_add, m, db, was)
+    end
+  end
+end
+
+-- Starts publishing db: its series at 0 (an increase() alert sees the
+-- first), and in a worker the task that publishes every second.
+local function health_register(db, url)
+  local m = health_on and health_metrics()
+  local l = { engine = db.engine,
+              store = store_label(db.engine, url, db.path) }
+  local was = { labels = l }
+  health_dbs[db] = was
+  if db.engine == "sqlite" then
+    was.inline = { engine = l.engine, store = l.store, where = "inline" }
+    was.reader = { engine = l.engine, store = l.store, where = "reader" }
+    was.buckets = {}
+  end
+  if not m then return end
+  if db.engine == "postgres" then
+    pcall(m.round_trips.inc, m.round_trips, l, 0)
+  else
+    pcall(m.commits.inc, m.commits, l, 0)
+    pcall(m.writes.inc, m.writes, l, 0)
+    pcall(m.reads.inc, m.reads, was.inline, 0)
+    pcall(m.reads.inc, m.reads, was.reader, 0)
+    pcall(m.duration.observe, m.duration, 0, l, 0)
+  end
+end
+
+-- A worker of paygate run publishes; paygate exec does not (its metrics
+-- are its own: nothing shows them)
+local function health_start()
+  local rt = package.loaded["paygate.runtime"]
+  if health_task ~= nil or not rt or rt.mode ~= "worker" then return end
+  health_on = true
+  health_task = core.spawn(function()
+    while true do
+      core.sleep(1)
+      health_publish()
+    end
+  end)
+  local ok, paygate = pcall(require, "paygate")
+  if ok and type(paygate) == "table" and paygate.on_stop then
+    paygate.on_stop(health_publish)
+  end
+end
+
+-- For specs under paygate exec: publish as a worker does (every handle
+-- opened from now on gets its series at once), one round now.
+function _M._publish_health()
+  health_on = true
+  health_publish()
+end
+
 local DB = {}
 local co_running = coroutine.running
 -- what check_db refuses inside the store's own transaction (writes)
@@ -471,6 +643,10 @@ function _M.open(url, opts)
   if engine then
     errors_metric(engine)              -- its series, at 0
     note(engine, err)
+    if db then
+      health_start()
+      health_register(db, url)
+    end
     return db, err
   end
   -- (the URL as a message may show it: a typo'd postgress://user:PW@
@@ -895,8 +1071,13 @@ end
 
 -- syntax: st = db:stats()
 -- returns: SQLite: { commits = COMMITs (fsyncs) so far, writes = jobs they
---          acknowledged, reads_inline, reads_moved }; PostgreSQL:
---          { round_trips = requests the server answered as one so far }
+--          acknowledged, reads_inline, reads_moved, reads_reader (queries
+--          handed to the reader threads, reads_moved included),
+--          commit_seconds (the COMMITs' time, s), commit_seconds_max (the
+--          longest), commit_buckets = { { le = s, count, seconds }, ... }
+--          (the COMMITs of each bucket of their time, not cumulative; the
+--          last le math.huge) }; PostgreSQL: { round_trips = requests the
+--          server answered as one so far }
 function DB:stats()
   check_db("db:stats", self)
   if self.h.stats then
@@ -970,6 +1151,11 @@ function DB:close()
   if getmetatable(self) ~= DB then
     error("db:close: call it as db:close()", 2)
   end
+  local was, m = health_dbs[self], health_on and health_metrics()
+  if was and m and not self.closed then
+    pcall(health_add, m, self, was)              -- its last counts
+  end
+  health_dbs[self] = nil
   self.closed = true
   self.h:close()
 end

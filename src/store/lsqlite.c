@@ -99,6 +99,7 @@
 #include <math.h>
 #include <pthread.h>
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -217,6 +218,29 @@ struct lsqlite_conn {
     int                 has_turn;
 };
 
+/*
+ * The time of each COMMIT (its fsync) by bucket: upper bounds in ns,
+ * 100 us (a fast SSD) to 2.5 s; one more bucket past the last. Shown as
+ * seconds (h:stats(), paygate_store_commit_duration_seconds).
+ */
+static const uint64_t lsqlite_commit_le_ns[] = {
+    100000, 250000, 500000, 1000000, 2500000, 5000000, 10000000,
+    25000000, 50000000, 100000000, 250000000, 500000000, 1000000000,
+    2500000000ULL
+};
+#define LSQLITE_COMMIT_NB (sizeof(lsqlite_commit_le_ns) \
+                           / sizeof(lsqlite_commit_le_ns[0]) + 1)
+
+/* The writer's counters (struct lsqlite_db's cs), or one consistent read
+ * of them (snap). */
+struct lsqlite_commit_stats {
+    long     commits;                        /* successful COMMITs */
+    long     writes;                         /* jobs they acknowledged */
+    uint64_t max_ns;                         /* ns: the longest COMMIT */
+    uint64_t n[LSQLITE_COMMIT_NB];           /* COMMITs per bucket */
+    uint64_t ns[LSQLITE_COMMIT_NB];          /* ns they took, per bucket */
+};
+
 struct lsqlite_db {
     pthread_mutex_t    mu;       /* guards everything below */
     pthread_cond_t     wcond;    /* writer: wq or txq got a job */
@@ -254,9 +278,15 @@ struct lsqlite_db {
                                         handle's reference */
     long               reads_inline; /* loop thread only */
     long               reads_moved;  /* over budget: to the readers */
-    /* counters, written by the writer with atomics */
-    long               commits;      /* successful COMMITs (fsyncs) */
-    long               writes;       /* jobs acknowledged by a COMMIT */
+    long               reads_reader; /* loop thread: queries handed to the
+                                        readers (reads_moved included) */
+    /* The writer's counters: written by the writer alone, inside cseq's
+     * odd window (a sequence count: h:stats() on the loop thread reads
+     * them again when cseq moved meanwhile; the writer never waits) */
+    unsigned long      cseq;         /* odd while the writer updates */
+    struct lsqlite_commit_stats cs;  /* the writer's */
+    struct lsqlite_commit_stats snap;/* loop thread: the last consistent
+                                        read of cs (h:stats()) */
 };
 
 struct lsqlite_ud {
@@ -1902,13 +1932,41 @@ batch_run_job(struct lsqlite_db *db, struct lsqlite_conn *c,
     batch_check(b, c);
 }
 
+/* Writer: counts a COMMIT of jobs writes that took ns (monotonic wall
+ * time). A handful of relaxed stores between two of cseq: no lock, no
+ * allocation (h:stats() reads them with commit_stats_read). */
+static void
+commit_stats_add(struct lsqlite_db *db, long jobs, long long ns)
+{
+    struct lsqlite_commit_stats *cs = &db->cs;
+    unsigned long seq = __atomic_load_n(&db->cseq, __ATOMIC_RELAXED);
+    uint64_t      t = ns > 0 ? (uint64_t) ns : 0;
+    size_t        i = 0;
+
+    while (i < LSQLITE_COMMIT_NB - 1 && t > lsqlite_commit_le_ns[i]) {
+        i++;
+    }
+    __atomic_store_n(&db->cseq, seq + 1, __ATOMIC_RELAXED);
+    __atomic_thread_fence(__ATOMIC_RELEASE);
+    __atomic_store_n(&cs->commits, cs->commits + 1, __ATOMIC_RELAXED);
+    __atomic_store_n(&cs->writes, cs->writes + jobs, __ATOMIC_RELAXED);
+    __atomic_store_n(&cs->n[i], cs->n[i] + 1, __ATOMIC_RELAXED);
+    __atomic_store_n(&cs->ns[i], cs->ns[i] + t, __ATOMIC_RELAXED);
+    if (t > cs->max_ns) {
+        __atomic_store_n(&cs->max_ns, t, __ATOMIC_RELAXED);
+    }
+    __atomic_store_n(&db->cseq, seq + 2, __ATOMIC_RELEASE);
+}
+
 static void
 batch_commit(struct lsqlite_db *db, struct lsqlite_conn *c,
              struct lsqlite_batch *b)
 {
     struct lsqlite_job *j;
+    struct timespec     t0, t1;
     char *msg = NULL;
     int   rc, moved = 0;
+    long  jobs = 0;
 
     if (!b->began) {
         post_jobs(b->done);
@@ -1931,7 +1989,9 @@ batch_commit(struct lsqlite_db *db, struct lsqlite_conn *c,
         batch_abort(b, SQLITE_READONLY, why);
         return;
     }
+    clock_gettime(CLOCK_MONOTONIC, &t0);
     rc = run_fixed(c, "COMMIT", &msg);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
     if (rc != SQLITE_OK) {
         run_fixed(c, "ROLLBACK", NULL);
         batch_abort(b, rc, msg);
@@ -1939,10 +1999,11 @@ batch_commit(struct lsqlite_db *db, struct lsqlite_conn *c,
         return;
     }
     b->began = 0;
-    __atomic_add_fetch(&db->commits, 1, __ATOMIC_RELAXED);
     for (j = b->done; j != NULL; j = j->next) {
-        __atomic_add_fetch(&db->writes, 1, __ATOMIC_RELAXED);
+        jobs++;
     }
+    commit_stats_add(db, jobs, (t1.tv_sec - t0.tv_sec) * 1000000000LL
+                                + (t1.tv_nsec - t0.tv_nsec));
     post_jobs(b->done);
     b->done = b->done_tail = NULL;
 }
@@ -3062,6 +3123,7 @@ lsqlite_query(lua_State *L)
             return n > 0 ? n : lua_error(L);
         }
     }
+    db->reads_reader++;
     return submit(L, j, LSQLITE_Q_READER);
 }
 
@@ -3366,24 +3428,80 @@ lsqlite_backup(lua_State *L)
     return submit(L, j, LSQLITE_Q_READER);
 }
 
+/* Loop thread: db->snap made a consistent copy of the writer's counters
+ * (a commit counted whole or not at all). A writer caught in the middle
+ * of its update (a few stores; descheduled there at worst) is read again,
+ * up to 64 times, then the previous copy stands: never a wait on it. */
+static void
+commit_stats_read(struct lsqlite_db *db)
+{
+    struct lsqlite_commit_stats *cs = &db->cs, got;
+    unsigned long s1, s2;
+
+    for (int tries = 0; tries < 64; tries++) {
+        s1 = __atomic_load_n(&db->cseq, __ATOMIC_ACQUIRE);
+        if (s1 & 1) {
+            continue;
+        }
+        got.commits = __atomic_load_n(&cs->commits, __ATOMIC_RELAXED);
+        got.writes = __atomic_load_n(&cs->writes, __ATOMIC_RELAXED);
+        got.max_ns = __atomic_load_n(&cs->max_ns, __ATOMIC_RELAXED);
+        for (size_t i = 0; i < LSQLITE_COMMIT_NB; i++) {
+            got.n[i] = __atomic_load_n(&cs->n[i], __ATOMIC_RELAXED);
+            got.ns[i] = __atomic_load_n(&cs->ns[i], __ATOMIC_RELAXED);
+        }
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+        s2 = __atomic_load_n(&db->cseq, __ATOMIC_RELAXED);
+        if (s1 == s2) {
+            db->snap = got;
+            return;
+        }
+    }
+}
+
 /* h:stats() -> { commits = n, writes = n, reads_inline = n,
- *                reads_moved = n } */
+ *   reads_moved = n, reads_reader = n, commit_seconds = s,
+ *   commit_seconds_max = s, commit_buckets = { { le = s, count = n,
+ *   seconds = s }, ... the last le = math.huge } }: counts so far; the
+ *   commit figures of one moment (a commit whole or not at all) */
 static int
 lsqlite_stats(lua_State *L)
 {
     struct lsqlite_db *db = check_db(L);
+    struct lsqlite_commit_stats *st = &db->snap;
+    double sum = 0;
 
-    lua_createtable(L, 0, 4);
+    commit_stats_read(db);
+    lua_createtable(L, 0, 8);
     lua_pushnumber(L, (lua_Number)db->reads_inline);
     lua_setfield(L, -2, "reads_inline");
     lua_pushnumber(L, (lua_Number)db->reads_moved);
     lua_setfield(L, -2, "reads_moved");
-    lua_pushnumber(L, (lua_Number)__atomic_load_n(&db->commits,
-                                                  __ATOMIC_RELAXED));
+    lua_pushnumber(L, (lua_Number)db->reads_reader);
+    lua_setfield(L, -2, "reads_reader");
+    lua_pushnumber(L, (lua_Number)st->commits);
     lua_setfield(L, -2, "commits");
-    lua_pushnumber(L, (lua_Number)__atomic_load_n(&db->writes,
-                                                  __ATOMIC_RELAXED));
+    lua_pushnumber(L, (lua_Number)st->writes);
     lua_setfield(L, -2, "writes");
+    lua_createtable(L, (int) LSQLITE_COMMIT_NB, 0);
+    for (size_t i = 0; i < LSQLITE_COMMIT_NB; i++) {
+        lua_createtable(L, 0, 3);
+        lua_pushnumber(L, i < LSQLITE_COMMIT_NB - 1
+                          ? (double) lsqlite_commit_le_ns[i] / 1e9
+                          : HUGE_VAL);
+        lua_setfield(L, -2, "le");
+        lua_pushnumber(L, (lua_Number) st->n[i]);
+        lua_setfield(L, -2, "count");
+        lua_pushnumber(L, (double) st->ns[i] / 1e9);
+        lua_setfield(L, -2, "seconds");
+        lua_rawseti(L, -2, (int) i + 1);
+        sum += (double) st->ns[i];
+    }
+    lua_setfield(L, -2, "commit_buckets");
+    lua_pushnumber(L, sum / 1e9);
+    lua_setfield(L, -2, "commit_seconds");
+    lua_pushnumber(L, (double) st->max_ns / 1e9);
+    lua_setfield(L, -2, "commit_seconds_max");
     return 1;
 }
 
@@ -3456,5 +3574,12 @@ luaopen_paygate_sqlite_core(lua_State *L)
     lua_setfield(L, -2, "version");
     lua_pushboolean(L, lsqlite_spill_rc == SQLITE_OK);
     lua_setfield(L, -2, "subjournal_in_memory");
+    /* the commit-time buckets' bounds (s), as h:stats() gives them */
+    lua_createtable(L, (int) LSQLITE_COMMIT_NB - 1, 0);
+    for (size_t i = 0; i < LSQLITE_COMMIT_NB - 1; i++) {
+        lua_pushnumber(L, (double) lsqlite_commit_le_ns[i] / 1e9);
+        lua_rawseti(L, -2, (int) i + 1);
+    }
+    lua_setfield(L, -2, "commit_le");
     return 1;
 }
