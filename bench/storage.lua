@@ -53,8 +53,11 @@ print(string.format("storage bench: %d coroutines, %g s per run", CONC, SECS))
 local db = assert(sql.open("sqlite:" .. tmp .. "/group.db"))
 report("sqlite insert, group commit", inserts(db))
 local st = db:stats()
-print(string.format("  (%d commits for %d writes: %.1f writes per fsync)",
-                    st.commits, st.writes, st.writes / st.commits))
+print(string.format("  (%d commits for %d writes: %.1f writes per fsync;"
+                    .. " a commit %.2f ms on average, %.2f ms at most)",
+                    st.commits, st.writes, st.writes / st.commits,
+                    st.commit_seconds / st.commits * 1e3,
+                    st.commit_seconds_max * 1e3))
 db:close()
 
 db = assert(sql.open("sqlite:" .. tmp .. "/single.db", { batch_max = 1 }))
