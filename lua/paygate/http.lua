@@ -201,4 +201,17 @@ function _M.request(opts)
   return stream(opts, sink, on_headers)
 end
 
+--- syntax: closed = paygate.http.close_idle()
+-- Closes the connections kept alive for reuse (those of requests without
+-- a client certificate), when no request of this process is under way;
+-- the next request connects anew (TLS sessions are kept: it resumes).
+-- What a process that is about to stop the servers it talked to calls
+-- (paygate.testing.stop_all does): a server draining for a stop gives an
+-- idle keep-alive connection a second to send one last request, and
+-- need not once it is closed.
+-- returns: true, or false when a request was under way (nothing closed).
+function _M.close_idle()
+  return core.close_idle()
+end
+
 return _M

@@ -15,7 +15,7 @@ local core = require "paygate.core"
 -- an older checkout than these modules (the checkout updated under a
 -- running paygate, then a reload or a worker restart) is refused here,
 -- saying so, instead of failing at the first primitive it lacks.
-local API = 1
+local API = 2
 if (tonumber(core.api) or 0) < API then
   local here = debug.getinfo(1, "S").source:match("^@(.*)/paygate/init%.lua$")
   -- (what to do first: a reload's outcome keeps the first 255 bytes)

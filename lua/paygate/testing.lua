@@ -181,9 +181,10 @@ function _M.start_app(o)
 end
 
 --- syntax: testing.stop_all()
--- yields: stops every app and simulator the kit started (TERM, then KILL),
--- and removes their directories and the keys it made. Safe to call twice;
--- call it in teardown.
+-- yields: stops every app and simulator the kit started (TERM to all at
+-- once, then KILL to one still running 10 s later), and removes their
+-- directories and the keys it made. Safe to call twice; call it in
+-- teardown.
 function _M.stop_all()
   for i = #sims, 1, -1 do
     for m, wx in pairs(sims[i].kit_clients or {}) do
@@ -191,6 +192,17 @@ function _M.stop_all()
       sims[i].kit_clients[m] = nil
     end
     sims[i] = nil
+  end
+  -- our idle keep-alive connections closed first: each server drains at
+  -- once instead of giving them a second for one last request
+  -- (paygate.http.close_idle; nothing when a request is under way)
+  http.close_idle()
+  -- TERM to every server at once, then each waited for (and KILLed past
+  -- 10 s) in turn: a server draining for another's idle connection (the
+  -- simulator's, kept alive to the app it notifies) need not wait the
+  -- drain's second for it, since that one is stopping too
+  for i = #started, 1, -1 do
+    pcall(started[i].proc.kill, started[i].proc)
   end
   for i = #started, 1, -1 do
     local srv = started[i]

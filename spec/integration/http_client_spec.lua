@@ -17,6 +17,7 @@ paygate.route("GET", "/slow", function() paygate.sleep(2) return 200, "late" end
 paygate.route("GET", "/slower", function() paygate.sleep(6) return 200, "late" end)
 paygate.route("GET", "/big", function() return 200, ("x"):rep(100000) end)
 paygate.route("GET", "/reuse", function() return 200, "ok" end)
+paygate.route("GET", "/peer", function(req) return 200, req.remote_addr end)
 paygate.route("GET", "/whoami", function(req) return 200, req.scheme end)
 ]]
 
@@ -283,6 +284,30 @@ describe("paygate.http.request", function()
     local distinct = 0
     for _ in pairs(ports) do distinct = distinct + 1 end
     assert.equal(1, distinct)
+  end)
+
+  it("close_idle closes the connections kept for reuse, none while a"
+     .. " request is under way", function()
+    -- /peer answers the client's address: the same one, the same
+    -- connection
+    local function peer()
+      local res = assert(paygate.http.request{ url = plain:url("/peer") })
+      assert.equal(200, res.status)
+      return res.body
+    end
+    local first = peer()
+    assert.equal(first, peer())                 -- kept alive, reused
+    -- a request under way: nothing closed (its connection is in use)
+    local slow = paygate.spawn(paygate.http.request,
+                               { url = plain:url("/slow") })
+    assert.is_false(paygate.http.close_idle())
+    assert.equal(200, assert(slow:wait()).status)
+    -- none under way: closed, so the next request connects anew
+    local again = peer()
+    assert.is_true(paygate.http.close_idle())
+    local fresh = peer()
+    assert.not_equal(again, fresh)
+    assert.equal(fresh, peer())                 -- which is kept alive
   end)
 
   it("runs many requests concurrently from one worker", function()

@@ -265,6 +265,33 @@ if not d:add("first", true) then core.sleep(60) end]] })
     assert.is_nil(io.open(a.dir .. "/paygate.log"))
     testing.stop_all()                          -- twice is fine
   end)
+
+  it("stop_all closes our idle keep-alive connections before it stops the"
+     .. " apps, which need not wait for them", function()
+    -- Was: each app, draining, gave our idle connection its second for a
+    -- last request, one app after another (a second or more per app in
+    -- every teardown). Which side closed first shows in the kernel's
+    -- table: the first to close keeps the connection in TIME_WAIT.
+    local app = testing.start_app{ source = [[
+require("paygate").route("GET", "/peer", function(req)
+  return 200, req.remote_addr end)]] }
+    local res = assert(app:request("/peer"))
+    local lport = assert(tonumber(res.body:match(":(%d+)$")), res.body)
+    testing.stop_all()
+    local function time_wait(from, to)   -- IPv4 loopback, as listened on
+      for line in io.lines("/proc/net/tcp") do
+        local l, r, st = line:match(
+          "^%s*%d+: %x+:(%x+) %x+:(%x+) (%x%x)")
+        if l and tonumber(l, 16) == from and tonumber(r, 16) == to
+           and st == "06" then
+          return true
+        end
+      end
+      return false
+    end
+    assert.is_true(time_wait(lport, app.port), "we closed first")
+    assert.is_false(time_wait(app.port, lport), "the app closed first")
+  end)
 end)
 
 describe("testing.start_app on a port taken after the pick", function()

@@ -138,6 +138,8 @@ static CURLSH       *tls_sessions;  /* owned: the TLS sessions of requests
                                        made without a client certificate
                                        (see sessions_share()) */
 static struct event *multi_timer;   /* owned */
+static int           live_ops;      /* ops made and not yet freed (their
+                                       easy handles may be in multi) */
 
 /* The sockets curl opened (open_cb) and has not closed, with their local
  * and peer ports and the peer's address once connected (ports 0: not
@@ -266,6 +268,7 @@ op_free(struct gw_http_op *op)
     if (op->pool != NULL) {
         op->pool->users--;
     }
+    live_ops--;
     if (op->wake_ev != NULL) {
         event_free(op->wake_ev);
     }
@@ -1483,6 +1486,7 @@ op_setup(lua_State *L, int stream)
         luaL_error(L, "http request: no memory");
         return NULL;
     }
+    live_ops++;
     op->body_ref = LUA_NOREF;
     op->stream = stream;
     op->max_body = max_body < 0 ? SIZE_MAX : (size_t) max_body;
@@ -1977,9 +1981,39 @@ static const luaL_Reg lstream_methods[] = {
     { NULL, NULL }
 };
 
+/*
+ * http.core.close_idle(): when no request is under way (none made and not
+ * yet finished, streams included), closes the connections kept alive for
+ * reuse by requests without a client certificate (the multi handle's
+ * cache: curl_multi_cleanup, a new multi made by the next request; TLS
+ * sessions are kept apart, in tls_sessions, and stay). Their servers see
+ * them closed now, and one that drains on a stop need not wait for them.
+ * Returns true when it closed them, false when a request was under way
+ * (nothing done).
+ */
+static int
+lhttp_close_idle(lua_State *L)
+{
+    if (live_ops > 0) {
+        lua_pushboolean(L, 0);
+        return 1;
+    }
+    if (multi != NULL) {
+        curl_multi_cleanup(multi);  /* no easy handle left in it */
+        multi = NULL;
+    }
+    if (multi_timer != NULL) {
+        event_free(multi_timer);
+        multi_timer = NULL;
+    }
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
 static const luaL_Reg lhttp_funcs[] = {
     { "request", lhttp_request },
     { "stream", lstream_open },
+    { "close_idle", lhttp_close_idle },
     { NULL, NULL }
 };
 

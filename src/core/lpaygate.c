@@ -1784,10 +1784,11 @@ static const luaL_Reg lcore_funcs[] = {
  * restarted, loads them into the old binary) then stop at once with what
  * to do, not at the first missing call ("attempt to call field
  * 'histogram' (a nil value)"). Level 1: metrics.histogram, write_file's
- * opts.sync, tls.set_certificate's reasons, core.chmod. spec/fixtures/lua_api.txt
+ * opts.sync, tls.set_certificate's reasons, core.chmod. Level 2:
+ * http.core.close_idle. spec/fixtures/lua_api.txt
  * lists the primitives' names under the level (spec lua_api compares):
  * a name added or gone fails there until the level is raised. */
-#define GW_LUA_API 1
+#define GW_LUA_API 2
 
 int
 luaopen_paygate_core(lua_State *L)
