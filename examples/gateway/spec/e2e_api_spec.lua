@@ -474,13 +474,15 @@ describe("gateway merchant API", function()
     it("WeChat not answering a refund: 504, the refund unknown, kept for "
        .. "the key; a refresh finds it", function()
       local p = env:paid_payment{ amount = 90 }
-      env.sim:fault{ endpoint = "refund", kind = "latency", seconds = 30 }
+      -- every attempt (the gateway tries again until its deadline) held
+      -- at WeChat until released below, not a fixed latency waited out
+      -- in full: was latency 30 s, this case then took 30 s
+      local hold = env.sim:hold("refund", { count = 20, seconds = 120 })
       local res = env:api("POST", "/v1/payments/" .. p.id .. "/refunds",
                           { amount = 40 }, { key = "slow-refund",
                                              timeout = 40 })
       assert.equal(504, res.status, res.body)
       assert.equal("timeout", res.json.error)
-      env.sim:clear_faults()
       -- the refund exists: the same key replays, never a second refund
       local again = env:api("POST", "/v1/payments/" .. p.id .. "/refunds",
                             { amount = 40 }, { key = "slow-refund" })
@@ -491,8 +493,9 @@ describe("gateway merchant API", function()
       assert.equal("unknown", now.refunds[1].state)
       -- it counts against what is left
       assert.equal(422, env:refund(p.id, 51).status)
-      -- WeChat makes it anyway (the latency fault holds the request, then
-      -- does the work): a refresh learns so once it exists
+      -- WeChat makes it anyway (the hold, released, lets the requests go
+      -- on and does the work): a refresh learns so once it exists
+      hold:release()
       local rid = now.refunds[1].id
       S.wait_until(function()
         env:get(p.id, true)
