@@ -152,6 +152,51 @@ describe("systemd notify (NOTIFY_SOCKET)", function()
     assert.equal(tostring(s.pid), ready.MAINPID)
   end)
 
+  it("a queue that is full (systemd busy): READY=1 waits for room",
+     function()
+    -- systemd reads its notify socket when it can (at boot, or during a
+    -- daemon-reload, the queue may be full for a while): a datagram
+    -- dropped there would be a start systemd kills at TimeoutStartSec,
+    -- or an upgrade it does not follow
+    local dir = server.tmpdir("sdnotify")
+    l = sdnotify.listen(dir .. "/notify")
+    assert.is_true(l:fill() > 0)
+    s = server.start{ source = app(dir .. "/no-hold"), wait = false,
+                      bin = wrapper(dir, PAYGATE_BIN,
+                                    "NOTIFY_SOCKET=" .. q(l.addr)) }
+    -- the master says READY=1 right after its serving line: only then
+    -- does "systemd" read
+    proc.wait_until(function() return s:logs():match("paygate: serving") end,
+                    15, "the worker to serve")
+    local ready = l:wait(field("READY", "1"), 1, 15, "READY=1")
+    assert.equal(tostring(s.pid), ready.MAINPID)
+    assert.is_nil(s:logs():match("systemd notify: cannot send"), s:logs())
+  end)
+
+  it("a queue never read: one warning after 5 s; later sends do not wait",
+     function()
+    local dir = server.tmpdir("sdnotify")
+    l = sdnotify.listen(dir .. "/notify")
+    local filled = l:fill()
+    s = server.start{ source = app(dir .. "/no-hold"), wait = false,
+                      bin = wrapper(dir, PAYGATE_BIN,
+                                    "NOTIFY_SOCKET=" .. q(l.addr)) }
+    proc.wait_until(function()
+      return s:logs():match("systemd notify: cannot send")
+    end, 15, "the warning")
+    assert.matches("systemd notify: cannot send to NOTIFY_SOCKET=.*: its "
+                   .. "queue is full and was not read within 5 s", s:logs())
+    assert.equal(tostring(s.pid), assert(s:request("/who")).body)
+    -- the master does not stall for each message after that one
+    local t0 = core.mono()
+    assert(s:reload(30))
+    assert.is_true(core.mono() - t0 < 4, s:logs())
+    local _, warned = s:logs():gsub("systemd notify: cannot send", "")
+    assert.equal(1, warned, s:logs())
+    -- nothing of the master's got in
+    assert.equal(filled, #l:read(), l:texts())
+  end)
+
   it("a socket that is not there: one warning, the server serves on",
      function()
     local dir = server.tmpdir("sdnotify")

@@ -10,6 +10,8 @@ for _, decl in ipairs{
   "int socket(int domain, int type, int protocol);",
   "int bind(int fd, const void *addr, unsigned int len);",
   "long recv(int fd, void *buf, unsigned long len, int flags);",
+  "long sendto(int fd, const void *buf, unsigned long len, int flags, "
+    .. "const void *addr, unsigned int alen);",
   "int close(int fd);",
 } do
   pcall(ffi.cdef, decl)
@@ -23,14 +25,8 @@ local _M = {}
 local Listener = {}
 Listener.__index = Listener
 
---- syntax: l = sdnotify.listen(addr)
--- addr: a path ("/tmp/.../notify"), or "@" and an abstract name.
--- returns: the listener (l.addr is what NOTIFY_SOCKET takes); raises
--- when the socket cannot be made or bound.
-function _M.listen(addr)
-  assert(#addr < 108, "sdnotify.listen: the address is too long")
-  local fd = C.socket(AF_UNIX, SOCK_DGRAM + SOCK_NONBLOCK + SOCK_CLOEXEC, 0)
-  assert(fd >= 0, "sdnotify.listen: socket() failed")
+-- addr's sockaddr_un and its length
+local function sockaddr(addr)
   local sa = ffi.new("struct gw_sd_sockaddr_un")
   sa.family = AF_UNIX
   ffi.copy(sa.path, addr, #addr)
@@ -39,6 +35,18 @@ function _M.listen(addr)
     sa.path[0] = 0          -- abstract: no NUL after the name
     len = 2 + #addr
   end
+  return sa, len
+end
+
+--- syntax: l = sdnotify.listen(addr)
+-- addr: a path ("/tmp/.../notify"), or "@" and an abstract name.
+-- returns: the listener (l.addr is what NOTIFY_SOCKET takes); raises
+-- when the socket cannot be made or bound.
+function _M.listen(addr)
+  assert(#addr < 108, "sdnotify.listen: the address is too long")
+  local fd = C.socket(AF_UNIX, SOCK_DGRAM + SOCK_NONBLOCK + SOCK_CLOEXEC, 0)
+  assert(fd >= 0, "sdnotify.listen: socket() failed")
+  local sa, len = sockaddr(addr)
   if C.bind(fd, sa, len) ~= 0 then
     C.close(fd)
     error("sdnotify.listen: cannot bind " .. addr, 2)
@@ -88,6 +96,23 @@ function Listener:texts()
     t[i] = ("%d: %s"):format(i, msg.text:gsub("\n", " | "))
   end
   return table.concat(t, "; ")
+end
+
+--- syntax: n = l:fill()
+-- fills the listener's receive queue (as a busy systemd leaves its own)
+-- with datagrams "FILL=1" until a sender would have to wait; returns how
+-- many it took. l:read() then drains them (and what came after).
+function Listener:fill()
+  local fd = C.socket(AF_UNIX, SOCK_DGRAM + SOCK_NONBLOCK + SOCK_CLOEXEC, 0)
+  assert(fd >= 0, "sdnotify.fill: socket() failed")
+  local sa, len = sockaddr(self.addr)
+  local n = 0
+  while C.sendto(fd, "FILL=1", 6, 0, sa, len) == 6 do
+    n = n + 1
+    assert(n < 100000, "sdnotify.fill: the queue never filled")
+  end
+  C.close(fd)
+  return n
 end
 
 --- syntax: l:close() -- safe to call twice

@@ -9,6 +9,7 @@
 #include <string.h>
 #include <time.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -16,7 +17,20 @@
 #include "runtime.h"
 #include "sdnotify.h"
 
+/* s a send waits for room in the service manager's queue: systemd reads
+ * its notify socket between other work, and at boot or during a
+ * daemon-reload the queue may be full for a while (net.unix.max_dgram_qlen
+ * datagrams); a READY=1 dropped there is a start it kills at
+ * TimeoutStartSec, a MAINPID= an upgrade it does not follow */
+#define SD_SEND_WAIT 5
+#define STR_(x) #x
+#define STR(x) STR_(x)
+
 static int warned;      /* a failure has been logged: not again */
+static int stalled;     /* the last send found no room within SD_SEND_WAIT:
+                           the next ones do not wait (a manager that
+                           stopped reading would stall the master at
+                           each), until one goes through */
 
 static int
 fail(const char *addr, const char *why)
@@ -45,6 +59,8 @@ gw_sd_notify(const char *state)
     const char *addr = getenv(GW_SD_ENV);
     struct sockaddr_un sa;
     socklen_t salen;
+    struct timeval tv;
+    uint64_t deadline;
     size_t n;
     ssize_t sent;
     int fd, e;
@@ -73,13 +89,41 @@ gw_sd_notify(const char *state)
     if (fd < 0) {
         return fail(addr, strerror(errno));
     }
-    sent = sendto(fd, state, strlen(state), MSG_NOSIGNAL | MSG_DONTWAIT,
-                  (struct sockaddr *) &sa, salen);
+    /* a full queue: wait for room, SD_SEND_WAIT s at most in all (a
+     * signal's handler ends the wait, EINTR: sent again for what is left) */
+    deadline = gw_sd_monotonic_usec() + SD_SEND_WAIT * 1000000u;
+    for (;;) {
+        uint64_t now = gw_sd_monotonic_usec();
+        int flags = MSG_NOSIGNAL;
+
+        tv.tv_sec = (time_t) ((deadline - now) / 1000000u);
+        tv.tv_usec = (suseconds_t) ((deadline - now) % 1000000u);
+        if (stalled || now >= deadline
+            || setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv)) != 0)
+        {
+            flags |= MSG_DONTWAIT;  /* no bound on the wait: none at all */
+        }
+        sent = sendto(fd, state, strlen(state), flags,
+                      (struct sockaddr *) &sa, salen);
+        if (sent >= 0 || errno != EINTR) {
+            break;
+        }
+    }
     e = errno;
     close(fd);
+    if (sent < 0 && (e == EAGAIN || e == EWOULDBLOCK)) {
+        char why[160];
+
+        snprintf(why, sizeof(why), "its queue is full%s (%s)", stalled
+                 ? "" : " and was not read within " STR(SD_SEND_WAIT) " s",
+                 strerror(e));
+        stalled = 1;
+        return fail(addr, why);
+    }
     if (sent < 0) {
         return fail(addr, strerror(e));
     }
+    stalled = 0;
     return GW_OK;
 }
 

@@ -16,10 +16,12 @@
  * manager listens, and follows the main process to a new pid (MAINPID=). */
 int gw_sd_listening(void);
 
-/* Sends state when $NOTIFY_SOCKET is set; never blocks (a full queue is a
- * failure). GW_OK when sent or when the variable is unset; GW_ERR when the
- * address is no unix socket's or the send failed: said at warn the first
- * time only, never fatal (the server runs on; systemd misses the state). */
+/* Sends state when $NOTIFY_SOCKET is set. A full queue (systemd busy) is
+ * waited for, 5 s at most (and not at all after such a wait ran out, until
+ * a send goes through). GW_OK when sent or when the variable is unset;
+ * GW_ERR when the address is no unix socket's or the send failed: said at
+ * warn the first time only, never fatal (the server runs on; systemd
+ * misses the state). */
 int gw_sd_notify(const char *state);
 
 /* gw_sd_notify of a printf format (cut at 2 KiB). */
