@@ -7,6 +7,7 @@ local paygate = require "paygate"
 local sql = require "paygate.sql"
 local migrate = require "paygate.migrate"
 local config = require "sim.config"
+local clock = require "sim.clock"
 local identity = require "sim.identity"
 local faults = require "sim.faults"
 local api = require "sim.api"
@@ -38,6 +39,7 @@ end
 
 local cfg, why = config.check(paygate.config_copy())
 if not cfg then fatal(why) end
+clock.init(cfg)                   -- WeChat's clock: clock_offset
 
 do
   local ok, why = require("sim.exec").mkdir_p(cfg.state_dir)
@@ -61,10 +63,11 @@ api.init(cfg)
 
 -- A configured merchant certificate past its notAfter: said at the start
 -- (once, by the first worker to get here), as its requests are refused
--- (or, with accept_expired_merchant_certificates, accepted all the same).
+-- (or, with accept_expired_merchant_certificates, accepted all the same):
+-- judged on WeChat's clock, as the requests are (sim.api).
 do
   local d = require("paygate.shared").get_dict("paygate")
-  local now = require("paygate.core").time()
+  local now = clock.now()
   local rfc3339 = require("sim.certificates").rfc3339
   for _, m in ipairs(cfg.merchants) do
     for k, na in pairs(m.not_after) do

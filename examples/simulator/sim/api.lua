@@ -6,6 +6,7 @@
 --
 --   api.route("GET", "/v3/pay/transactions/out-trade-no/:no", "query",
 --     function(req, c)        -- c: { m, serial, body, query, params, now }
+--       (c.now: WeChat's clock, sim.clock, what a handler judges and writes)
 --       return 200, { ... }   -- or nil, api.err(404, "ORDER_NOT_EXIST", ..)
 --     end)
 local paygate = require "paygate"
@@ -18,6 +19,7 @@ local json = require "sim.json"
 local faults = require "sim.faults"
 local config = require "sim.config"
 local identity = require "sim.identity"
+local clock = require "sim.clock"
 local rfc3339 = require("sim.certificates").rfc3339
 local http_date_text = require("paygate.civil").http_date_text
 
@@ -285,7 +287,7 @@ function _M.authenticate(req, target, signed_body)
   -- fraction a request of exactly 300 s was refused but in the first
   -- instant of a second
   local ts = a.timestamp:match("^[1-9]%d*$") and tonumber(a.timestamp)
-  local now = core.time() + S.cfg.clock_offset      -- WeChat's clock
+  local now = clock.now()                           -- WeChat's clock
   if not ts or #a.timestamp > 12
      or math.abs(math.floor(now) - ts) > S.cfg.timestamp_window then
     return nil, sign_error("Http头Authorization中的timestamp与发起请求的时间"
@@ -345,12 +347,12 @@ function _M.authenticate(req, target, signed_body)
   return m
 end
 
--- The Date header of a /v3 answer: WeChat's clock (clock_offset ahead of
--- the host's, now: the host's, default core.time()), as the
--- Wechatpay-Timestamp it signs is; WeChat's Date and timestamp come from
--- one clock (the runtime's Date would be the host's).
+-- The Date header of a /v3 answer: WeChat's clock (sim.clock, at the
+-- host's time now, default core.time()), as the Wechatpay-Timestamp it
+-- signs is; WeChat's Date and timestamp come from one clock (the
+-- runtime's Date would be the host's).
 local function date(now)
-  return http_date_text((now or core.time()) + S.cfg.clock_offset)
+  return http_date_text(clock.now(now))
 end
 
 local function error_answer(e, rid_suffix)
@@ -470,7 +472,7 @@ function _M.handle(req, target, endpoint, fn, opts, entry)
   entry.mchid = m.mchid
   local c = { m = m, serial = header(req, "wechatpay-serial"),
               query = req:query(),
-              params = req.params, now = core.time(), req = req,
+              params = req.params, now = clock.now(), req = req,
               parts = parts }
   if req.method == "POST" and opts.json ~= false and not opts.multipart then
     local doc, why = json.object(req.body)

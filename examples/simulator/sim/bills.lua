@@ -6,14 +6,16 @@
 --     -> 200 { hash_type = "SHA1", hash_value, download_url } (signed)
 --   GET /v3/billdownload/file?token=...  -> the file, unsigned
 --
--- A bill covers one Beijing day (UTC+8). It can be asked for from
--- bill_ready_after seconds (default 10 h: 10:00 the next morning) after
--- the day's end, STATEMENT_CREATING before; a day without records is
--- NO_STATEMENT_EXIST. POST /sim/bills/close { bill_date } makes a day's
--- bills ready at once, from what the day holds so far (later records of
--- that day are in no bill). The file is the same on every download: it is
--- made again from the records up to the day's cutoff, and its SHA-1 is
--- checked against the one the token was issued with.
+-- A bill covers one Beijing day (UTC+8) of WeChat's clock (sim.clock:
+-- clock_offset moves it, as it moves the success_time it is made of). It
+-- can be asked for from bill_ready_after seconds (default 10 h: 10:00 the
+-- next morning) after the day's end, STATEMENT_CREATING before; a day
+-- without records is NO_STATEMENT_EXIST. POST /sim/bills/close
+-- { bill_date } makes a day's bills ready at once, from what the day
+-- holds so far (later records of that day are in no bill). The file is
+-- the same on every download: it is made again from the records up to
+-- the day's cutoff, and its SHA-1 is checked against the one the token
+-- was issued with.
 local core = require "paygate.core"
 local crypto = require "paygate.crypto"
 local zlib = require "paygate.zlib"
@@ -21,6 +23,7 @@ local json = require "cjson.safe"
 local config = require "sim.config"
 local orders = require "sim.orders"
 local civil = require "paygate.civil"
+local clock = require "sim.clock"
 
 local type, tostring, ipairs = type, tostring, ipairs
 local floor, fmt, concat = math.floor, string.format, table.concat
@@ -383,7 +386,7 @@ function _M.ask(ctx, req, m, kind)
   if type(q.bill_date) ~= "string" then
     return bad("PARAM_ERROR", "bill_date is required", "bill_date")
   end
-  local now = core.time()
+  local now = clock.now()
   local start, why = _M.day_start(q.bill_date)
   if not start then
     return bad("PARAM_ERROR", why, "bill_date", API.shown(q.bill_date, 32))
@@ -464,7 +467,7 @@ function _M.download(ctx, req, m)
                                  .. "token = $1", { token })
   if not rows then return system_error(err) end
   local t = rows[1]
-  if not t or t.mchid ~= m.mchid or t.expires_at <= core.time() then
+  if not t or t.mchid ~= m.mchid or t.expires_at <= clock.now() then
     return gone()
   end
   local csv
@@ -489,7 +492,7 @@ end
 function _M.close(ctx, date)
   local start, why = _M.day_start(date)
   if not start then return nil, why, 400 end
-  local now = core.time()
+  local now = clock.now()
   if start > now then return nil, "bill_date is in the future", 400 end
   local cut = now < start + DAY and now or start + DAY
   local res, err = ctx.db:exec("INSERT INTO sim_bill_days (bill_date, "

@@ -398,12 +398,15 @@ end
 _M.define("rotation_delay", _M.check_rotation_delay, 60)
 _M.define("timestamp_window", number_check(0, true), 300)
 -- A test aid: this simulator's clock is clock_offset seconds ahead of the
--- host's (negative: behind) for what WeChat's clock decides here: the
--- Wechatpay-Timestamp it signs (answers and notifications), the Date
--- header of a /v3 answer (WeChat's two read one clock) and the window a
--- request's timestamp is judged in. A client then sees WeChat's clock off
--- its own, as when either side's NTP fails. At most a day either way
--- (the control API's Date, the host's, is not moved).
+-- host's (negative: behind) for everything WeChat's one clock decides or
+-- writes here (sim.clock): the Wechatpay-Timestamp it signs (answers and
+-- notifications), the Date header of a /v3 answer, the window a
+-- request's timestamp is judged in, an order's time_expire, success_time,
+-- create_time and the other times of orders, refunds and notifications,
+-- and the bills' day. A client then sees WeChat's clock off its own, as
+-- when either side's NTP fails. At most a day either way (the control
+-- API's Date, the notification schedule, the request log and the
+-- platform certificates' dates stay on the host's clock).
 _M.CLOCK_OFFSET_MAX = 86400
 _M.define("clock_offset", function(v)
   if type(v) ~= "number" or v ~= v or v < -_M.CLOCK_OFFSET_MAX

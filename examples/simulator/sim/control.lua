@@ -17,6 +17,7 @@ local certificates = require "sim.certificates"
 local orders = require "sim.orders"
 local payer = require "sim.payer"
 local bills = require "sim.bills"
+local clock = require "sim.clock"
 local civil = require "paygate.civil"
 
 local _M = {}
@@ -30,7 +31,6 @@ _M.answer = answer
 local loopback = require("paygate.addr").loopback_addr
 local browser_elsewhere = require("paygate.addr").browser_elsewhere
 local mono = require("paygate.core").mono
-local wall = require("paygate.core").time
 
 -- "[::ffff:1.2.3.4]:p" (a v4 client on a dual-stack socket) -> "1.2.3.4:p"
 local function plain_addr(a)
@@ -180,7 +180,7 @@ function _M.routes(ctx)
       paid_at = type(b.success_time) == "string"
                 and civil.epoch(b.success_time)
       if not paid_at or bills.kept(bills.day_start(bills.today(paid_at)),
-                                   wall()) then
+                                   clock.now()) then
         return bad("success_time must be an RFC 3339 time on a day whose"
                    .. " bills are no longer kept (more than "
                    .. bills.KEEP_DAYS .. " days back)")

@@ -31,6 +31,7 @@ local resource = require "paygate.wechatpay.resource"
 local verify = require "paygate.wechatpay.verify"
 local exec = require "sim.exec"
 local faults = require "sim.faults"
+local clock = require "sim.clock"
 
 local type, tostring, ipairs, pairs, error = type, tostring, ipairs, pairs,
                                               error
@@ -480,7 +481,7 @@ function _M.sign_headers(body, opts)
     local c = S.by_serial[fault.serial]
     if c then id, key = c.serial, c.key end
   end
-  local ts = math.floor(now + S.cfg.clock_offset)   -- WeChat's clock
+  local ts = math.floor(clock.now(now))             -- WeChat's clock
   if fault and fault.kind == "stale_timestamp" then
     ts = ts - math.floor(fault.skew or 600)
   end

@@ -22,6 +22,7 @@ local json = require "sim.json"
 local http = require "paygate.http"
 local lease = require "paygate.lease"
 local faults = require "sim.faults"
+local clock = require "sim.clock"
 
 local type, tostring, ipairs, pcall = type, tostring, ipairs, pcall
 local floor, max, min = math.floor, math.max, math.min
@@ -100,6 +101,8 @@ function _M.enqueue(tx, n)
     error("notify.enqueue: n must be { mchid, notify_url, event_type, "
           .. "summary, original_type, resource }", 2)
   end
+  -- now: the host's, the delivery schedule's (next_at, created_at,
+  -- done_at); the create_time WeChat writes is on its own clock (sim.clock)
   local now = core.time()
   local id = uuid()
   local state, next_at = "pending", now
@@ -130,8 +133,8 @@ function _M.enqueue(tx, n)
     .. "faults, done_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, "
     .. "$11, $12, $13, $14, $15)",
     { n = 15, id, n.mchid, n.notify_url, n.event_type,
-      n.summary or "", original, plain, beijing(now), now, state, next_at,
-      dups, sig or core.null,
+      n.summary or "", original, plain, beijing(clock.now(now)), now, state,
+      next_at, dups, sig or core.null,
       #applied > 0 and json.encode(applied) or core.null,
       state == "dropped" and now or core.null })
   if not res then return nil, err end

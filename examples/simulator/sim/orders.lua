@@ -9,12 +9,16 @@
 -- after creation); ABNORMAL -> PROCESSING (apply-abnormal-refund).
 -- A payment that succeeds and a refund that settles enqueue their
 -- notification (sim.notify) in the transaction that makes the change.
+-- Every time here is WeChat's (sim.clock: the host's plus clock_offset):
+-- time_expire is judged on it, success_time, create_time and close times
+-- are written on it, as one clock does all of it at WeChat.
 local core = require "paygate.core"
 local crypto = require "paygate.crypto"
 local validate = require "paygate.wechatpay.validate"
 local json = require "sim.json"
 local notify = require "sim.notify"
 local certificates = require "sim.certificates"
+local clock = require "sim.clock"
 
 local type, tostring, tonumber, ipairs, pairs, math_floor =
       type, tostring, tonumber, ipairs, pairs, math.floor
@@ -1164,7 +1168,7 @@ function _M.settle(no, status, mchid)
         "refund " .. no .. " is " .. f.status .. ", not PROCESSING" }
     end
     local o, id
-    f, o, id = settle_in(tx, f, status, core.time())
+    f, o, id = settle_in(tx, f, status, clock.now())
     if not f then
       return nil, { status = 409, code = "CONFLICT", message = tostring(o) }
     end
@@ -1281,7 +1285,7 @@ function _M.pay(no, opts)
     -- taken before, while another worker wrote, a day closed in between
     -- (POST /sim/bills/close) would get a cutoff after it and a bill
     -- without it, then the payment would commit and the bill change
-    local now = core.time()
+    local now = clock.now()
     local o, err
     if opts.order_id then
       o = assert(tx:query("SELECT * FROM sim_orders WHERE id = $1",
@@ -1354,7 +1358,7 @@ end
 
 --- syntax: t, err = orders.fail(out_trade_no, opts) -- NOTPAY -> PAYERROR
 function _M.fail(no, opts)
-  local now = core.time()
+  local now = clock.now()
   return S.db:transaction(function(tx)
     local o, err = find_for_control(tx, no, opts.mchid)
     if not o then return nil, err end
@@ -1383,7 +1387,7 @@ end
 -- digits), reason, notify_url. returns: the Refund object, or nil, { status, code, message }.
 function _M.refund_outside(no, opts)
   return S.db:transaction(function(tx)
-    local now = core.time()
+    local now = clock.now()
     local o, err = find_for_control(tx, no, opts.mchid)
     if not o then return nil, err end
     o = expire(tx, o, now)
@@ -1472,12 +1476,12 @@ function _M.start(ctx)
       local ok, err = pcall(function()
         local rows = assert(S.db:query("SELECT * FROM sim_refunds WHERE "
           .. "status = 'PROCESSING' AND settle_after <= $1 LIMIT 50",
-          { core.time() }))
+          { clock.now() }))
         for _, f in ipairs(rows) do
           S.db:transaction(function(tx)
             -- (its success time taken inside the transaction, as a
             -- payment's: see orders.pay)
-            local r = settle_in(tx, f, "SUCCESS", core.time())
+            local r = settle_in(tx, f, "SUCCESS", clock.now())
             return r and true or false
           end)
         end

@@ -16,12 +16,12 @@
 -- apply. A code_url stops working once a later prepay of its order (a
 -- re-entry) hands out another, as WeChat's does. Each failure is { status, code, message, field }, field the
 -- parameter's name as the front end spells it.
-local core = require "paygate.core"
 local crypto = require "paygate.crypto"
 local sign = require "paygate.wechatpay.sign"
 local suggest = require "paygate.suggest"
 local config = require "sim.config"
 local orders = require "sim.orders"
+local clock = require "sim.clock"
 local rfc3339 = require("sim.certificates").rfc3339
 
 local type, pairs, ipairs, tostring = type, pairs, ipairs, tostring
@@ -269,7 +269,7 @@ function _M.pay(ctx, b)
         .. " the newest code_url pays")
     end
   end
-  local now = core.time()
+  local now = clock.now()        -- WeChat's, as the link's created_at
   local ttl = o.trade_type == "MWEB" and cfg.h5_url_ttl or cfg.prepay_ttl
   if now >= l.created_at + ttl then
     local what = kind == "native" and "code_url" or kind == "h5" and "h5_url"
