@@ -1070,9 +1070,10 @@ function DB:ensure_schema(name, create)
 end
 
 -- syntax: st = db:stats()
--- returns: SQLite: { commits = COMMITs (fsyncs) so far, writes = jobs they
---          acknowledged, reads_inline, reads_moved, reads_reader (queries
---          handed to the reader threads, reads_moved included),
+-- returns: SQLite: { commits = COMMITs (fsyncs) so far that acknowledged
+--          a write (a batch whose writes all failed is none), writes =
+--          jobs they acknowledged, reads_inline, reads_moved, reads_reader
+--          (queries handed to the reader threads, reads_moved included),
 --          commit_seconds (the COMMITs' time, s), commit_seconds_max (the
 --          longest), commit_buckets = { { le = s, count, seconds }, ... }
 --          (the COMMITs of each bucket of their time, not cumulative; the
