@@ -24,6 +24,7 @@
 
 local core = require "paygate.core"
 local redact = require "paygate.redact"
+local utf8_clean = require("paygate.utf8").clean
 
 local _M = { _VERSION = "0.1.0" }
 
@@ -147,6 +148,8 @@ end
 
 -- The store label of a URL: a SQLite file's name, or a PostgreSQL URL's
 -- hosts and database (no user, password or options), at most 64 bytes
+-- cut at a character's end (half a character was a U+FFFD on /metrics),
+-- a control character or a byte of no character as "?" (paygate.utf8)
 local function store_label(engine, url, path)
   local name
   if engine == "sqlite" then
@@ -157,7 +160,7 @@ local function store_label(engine, url, path)
     name = main:match(".*@(.*)$") or main
   end
   if name == "" then name = "-" end
-  return name:sub(1, 64)
+  return (utf8_clean(name, 64))
 end
 
 -- Adds db's counts since the last round (was) to the metrics; pcall: a

@@ -161,6 +161,21 @@ describe("the store's series", function()
     assert.equal(38, written:get(lab))
   end)
 
+  -- a long name is cut at 64 bytes at a character's end: cut inside one,
+  -- the half character showed as U+FFFD; a control character shows as ?
+  it("names a store by its file's name, cut at a character's end",
+     function()
+    local long = ("a"):rep(63) .. "\u{e9}x.db"          -- é: bytes 64, 65
+    local odd = "tab\there.db"
+    for _, name in ipairs({ long, odd }) do
+      local db = assert(sql.open("sqlite:" .. tmp .. "/" .. name))
+      assert(db:exec("CREATE TABLE t (v INTEGER)"))
+      db:close()
+    end
+    assert.equal(1, written:get({ engine = "sqlite", store = ("a"):rep(63) }))
+    assert.equal(1, written:get({ engine = "sqlite", store = "tab?here.db" }))
+  end)
+
   it("holds a bounded number of stores: handles on new files opened and"
      .. " closed one after another count in the overflow series", function()
     sql._publish_health()
