@@ -186,10 +186,12 @@ describe("paygate.metrics.histogram", function()
     assert.same({ 0, 0 }, { h:get({ a = "z" }) })
     for _, n in ipairs({ -1, 1.5, 0 / 0, math.huge, "2", 2 ^ 54 }) do
       assert.has_error(function() h:observe(0.5, { a = "x" }, n) end,
-        "histogram:observe: n must be a whole number >= 0")
+        "histogram:observe: n must be a whole number >= 0 (at most 2^53)")
     end
     -- (the sum would be infinite)
-    assert.has_error(function() h:observe(1e300, { a = "x" }, 1e10) end)
+    assert.has_error(function() h:observe(1e300, { a = "x" }, 1e10) end,
+      "histogram:observe: value * n is past the largest number (the"
+      .. " series' sum would be infinite)")
     assert.same({ 4, 2 }, { h:get({ a = "x" }) })
   end)
 end)

@@ -693,10 +693,15 @@ lmetrics_observe(lua_State *L)
         n = lua_tonumber(L, 4);
         /* (v * n must stay finite too: the sum) */
         if (lua_type(L, 4) != LUA_TNUMBER || !(n >= 0) || n > 0x1p53
-            || n != floor(n) || (n > 0 && fabs(v) > DBL_MAX / n))
+            || n != floor(n))
         {
             return luaL_error(L, "histogram:observe: n must be a whole "
-                              "number >= 0");
+                              "number >= 0 (at most 2^53)");
+        }
+        if (n > 0 && fabs(v) > DBL_MAX / n) {
+            return luaL_error(L, "histogram:observe: value * n is past "
+                              "the largest number (the series' sum would "
+                              "be infinite)");
         }
     }
     fits = counter_labels(L, &h->c, 3, "histogram:observe", labels,
