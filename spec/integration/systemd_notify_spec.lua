@@ -152,6 +152,36 @@ describe("systemd notify (NOTIFY_SOCKET)", function()
     assert.equal(tostring(s.pid), ready.MAINPID)
   end)
 
+  it("a worker that dies: STATUS says so, then serving again", function()
+    -- `systemctl status` shows STATUS: a crash (or a worker that keeps
+    -- failing after the first one served) is named there until the
+    -- generation is whole again
+    local dir = server.tmpdir("sdnotify")
+    l = sdnotify.listen(dir .. "/notify")
+    s = server.start{ source = app(dir .. "/no-hold") .. [[
+paygate.route("GET", "/pid", function()
+  return 200, tostring(require("paygate.core").pid())
+end)
+]], workers = 2, bin = wrapper(dir, PAYGATE_BIN,
+                               "NOTIFY_SOCKET=" .. q(l.addr)) }
+    local _, i = l:wait(field("READY", "1"), 1, 15, "READY=1")
+    local pid = tonumber(assert(s:request("/pid")).body)
+    proc.kill_pid(pid, proc.SIGKILL)
+    local died
+    died, i = l:wait(function(msg)
+      return msg.STATUS and msg.STATUS:match("^worker ") ~= nil
+    end, i + 1, 15, "STATUS naming the dead worker")
+    assert.equal(("worker %d killed by signal 9 (Killed); restarting in"
+                  .. " 0.1 s (1 of 2 workers serve)"):format(pid), died.STATUS)
+    assert.is_nil(died.READY, died.text)
+    local back = l:wait(function(msg)
+      return msg.STATUS and msg.STATUS:match("^serving ") ~= nil
+    end, i + 1, 15, "STATUS serving again")
+    assert.equal(("serving http://127.0.0.1:%d with 2 workers (generation 1)")
+                 :format(s.port), back.STATUS)
+    assert.is_nil(back.READY, back.text)
+  end)
+
   it("a queue that is full (systemd busy): READY=1 waits for room",
      function()
     -- systemd reads its notify socket when it can (at boot, or during a

@@ -138,6 +138,8 @@ static struct {
                                        from its takeover; 0 once it has
                                        handed over to a new one */
     int               sd_ready;     /* READY=1 said for the start */
+    int               sd_degraded;  /* STATUS says a worker died; not yet
+                                       back to serving */
 } m;
 
 /* What an upgrade's old master handed this one (PAYGATE_INHERIT, read by
@@ -533,6 +535,7 @@ sd_ready_now(void)
     char what[160];
 
     m.sd_ready = 1;
+    m.sd_degraded = 0;
     gw_sd_notifyf("READY=1\nMAINPID=%d\nSTATUS=serving %s (generation %d)",
                   (int) getpid(), serving_what(what, sizeof(what)), m.gen);
 }
@@ -545,6 +548,42 @@ sd_started(void)
     if (m.sd_on && !m.sd_ready && count(m.gen, W_READY) >= m.o->workers) {
         sd_ready_now();
     }
+}
+
+/* systemd: a worker of the serving generation died and is restarted.
+ * STATUS says so (`systemctl status` shows it): a start whose READY=1
+ * waits for a worker that keeps failing, or a crash while serving, until
+ * sd_restored says the generation is whole again. */
+static void
+sd_worker_died(pid_t pid, const char *why, double delay)
+{
+    char w[256];
+
+    if (!m.sd_on) {
+        return;
+    }
+    snprintf(w, sizeof(w), "%s", why);
+    m.sd_degraded = 1;
+    gw_sd_notifyf("STATUS=worker %d %s; restarting in %.1f s (%d of %d "
+                  "workers serve)", (int) pid, gw_sd_line(w), delay,
+                  count(m.gen, W_READY), m.o->workers);
+}
+
+/* systemd: every worker of the serving generation serves again after a
+ * restart: STATUS back to what serves (READY=1 itself is said once, at
+ * the start: sd_started). */
+static void
+sd_restored(void)
+{
+    char what[160];
+
+    if (!m.sd_on || !m.sd_ready || !m.sd_degraded
+        || count(m.gen, W_READY) < m.o->workers) {
+        return;
+    }
+    m.sd_degraded = 0;
+    gw_sd_notifyf("STATUS=serving %s (generation %d)",
+                  serving_what(what, sizeof(what)), m.gen);
 }
 
 static void
@@ -568,6 +607,7 @@ on_ready(evutil_socket_t fd, short what, void *arg)
             handover_ready();   /* goes them all once all have loaded */
         } else if (wk->gen != m.next_gen) {
             go(wk);         /* the serving generation: a start, a restart */
+            sd_restored();  /* (before sd_started: its READY=1 says it) */
             sd_started();
         } else if (count(m.next_gen, W_READY) == m.o->workers) {
             reload_commit();    /* tells the whole generation to go */
@@ -1082,6 +1122,8 @@ on_chld(evutil_socket_t sig, short what, void *arg)
             tv.tv_sec = (time_t) delay;
             tv.tv_usec = (suseconds_t) ((delay - (double) tv.tv_sec) * 1e6);
             evtimer_add(m.restart_ev, &tv);
+            wk->pid = 0;
+            sd_worker_died(pid, why, delay);
         }
         wk->pid = 0;
     }
