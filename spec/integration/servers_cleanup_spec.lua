@@ -47,6 +47,10 @@ it("errors with its servers running", function()
     local pg = servers.postgres()
     report("dir " .. pg.dir)
     report("pid " .. first_line(pg.data .. "/postmaster.pid"))
+    -- the run's shared server (servers.postgres_db)
+    local db = servers.postgres_db()
+    report("dir " .. db.dir)
+    report("pid " .. first_line(db.dir .. "/data/postmaster.pid"))
   end
   error("the spec's own mistake")
 end)
@@ -94,6 +98,10 @@ it("is killed with its servers running", function()
     local pg = servers.postgres()
     report("dir " .. pg.dir)
     report("pid " .. first_line(pg.data .. "/postmaster.pid"))
+    -- the run's shared server (servers.postgres_db)
+    local db = servers.postgres_db()
+    report("dir " .. db.dir)
+    report("pid " .. first_line(db.dir .. "/data/postmaster.pid"))
   end
   report("ready -")
   require("paygate.core").sleep(300)
@@ -124,9 +132,9 @@ describe("a spec run using spec/support/servers.lua", function()
     assert.are_not.equal(0, code, log)
     assert.matches("not ok 1", log, 1, true)
     assert.equal(1 + (servers.have_redis() and 2 or 0)
-                 + (servers.have_postgres() and 1 or 0), #dirs, log)
+                 + (servers.have_postgres() and 2 or 0), #dirs, log)
     assert.equal((servers.have_redis() and 1 or 0)
-                 + (servers.have_postgres() and 1 or 0), #pids, log)
+                 + (servers.have_postgres() and 2 or 0), #pids, log)
     for _, d in ipairs(dirs) do
       assert.equal(tmp .. "/paygate-spec.", d:sub(1, #tmp + 14))
       assert.is_false(proc.exists(d .. "/."), d .. " remains")
@@ -167,7 +175,7 @@ describe("a spec run using spec/support/servers.lua", function()
     end, 120, "the run's servers")
     dirs, pids = reported(report)
     assert.equal(2 * (servers.have_redis() and 1 or 0)
-                 + (servers.have_postgres() and 1 or 0), #dirs)
+                 + (servers.have_postgres() and 2 or 0), #dirs)
     for _, pid in ipairs(pids) do assert.is_true(alive(pid)) end
     proc.kill_pid(-p.pid, proc.SIGKILL)
     assert.is_not_nil(p:wait(10), "the spec run did not end")
@@ -207,6 +215,44 @@ describe("a spec run using spec/support/servers.lua", function()
       srv.cleanup()
       assert.is_not_nil(again:poll(), srv.kind .. "'s guard was not ended")
     end
+  end)
+
+  -- describe blocks of one spec file share one PostgreSQL server, each
+  -- with databases of its own: a cluster per block cost 1.5-3 s each
+  it("postgres_db: a fresh database per call on the run's one server;"
+     .. " stop_all drops them and leaves the server to the next", function()
+    if not servers.have_postgres() then
+      pending("PostgreSQL is not installed")
+      return
+    end
+    local sql = require "paygate.sql"
+    local a, b = servers.postgres_db(), servers.postgres_db()
+    assert.are_not.equal(a.name, b.name)
+    assert.equal(a.port, b.port)
+    assert.equal(a.dir, b.dir)
+    local da = assert(sql.open(a.url))
+    assert(da:exec("CREATE TABLE t (x INT)"))
+    local db = assert(sql.open(b.url))
+    -- fresh: the other database's table is not there
+    assert.equal(0, #assert(db:query("SELECT 1 FROM pg_tables"
+      .. " WHERE tablename = 't'")))
+    db:close()
+    local pid = testing.read(a.dir .. "/data/postmaster.pid"):match("^%d+")
+    -- a session still open (an app not stopped yet) does not stop the drop
+    servers.stop_all()
+    da:close()
+    assert.is_true(alive(pid))
+    local c = servers.postgres_db()
+    assert.equal(a.port, c.port)
+    db = assert(sql.open(c.url))
+    local names = {}
+    for _, r in ipairs(assert(db:query("SELECT datname FROM pg_database"
+        .. " WHERE datname LIKE 'spec_%' ORDER BY datname"))) do
+      names[#names + 1] = r.datname
+    end
+    db:close()
+    assert.same({ c.name }, names)
+    servers.stop_all()
   end)
 
   -- the kill -9 durability specs' writer (servers.kill_writer) runs

@@ -4,6 +4,8 @@
 --   local servers = require "spec.support.servers"
 --   local r = servers.redis()        -- { port, url, dir, stop(), start() }
 --   local pg = servers.postgres()    -- { port, url, dir, stop(), start() }
+--   local db = servers.postgres_db() -- { url, name, port, dir }: a fresh
+--                                    -- database on the run's shared server
 --   servers.redis{ requirepass = "pw" }   -- AUTH required; url has it
 --   servers.postgres{ password = "pw" }   -- password auth on 127.0.0.1
 --                                          -- (scram-sha-256); url has it
@@ -26,6 +28,15 @@
 -- and removes its folder once the spec run is gone, however it ended (a
 -- SIGKILL, a CI's timeout killing its whole group), and that a stop here
 -- cancels (srv.guard: nil while it is stopped).
+
+-- One module whichever name required it ("spec.support.servers", or
+-- "support.servers" through spec/helpers.lua's path): one list of the
+-- servers to stop, one shared PostgreSQL server per run.
+for _, name in ipairs({ "spec.support.servers", "support.servers" }) do
+  if type(package.loaded[name]) == "table" then
+    return package.loaded[name]
+  end
+end
 
 local kit = require "paygate.testing.server"
 local proc = require "paygate.testing.proc"
@@ -306,7 +317,7 @@ end
 -- A fresh cluster (trust auth on 127.0.0.1), database "postgres". With
 -- password: connections over TCP authenticate with it (scram-sha-256;
 -- srv.password, and srv.url has it); the socket in srv.dir stays trust.
-function _M.postgres(opts)
+local function new_postgres(opts)
   opts = opts or {}
   local root = is_root()
   local owner = root and "postgres" or nil
@@ -389,8 +400,57 @@ function _M.postgres(opts)
   end
 
   srv.start()
+  return srv
+end
+
+function _M.postgres(opts)
+  local srv = new_postgres(opts)
   started[#started + 1] = srv
   return srv
+end
+
+-- The run's shared PostgreSQL server (servers.postgres_db), and the
+-- databases made on it since the last servers.stop_all().
+local shared_pg
+local shared_dbs = {}
+local shared_n = 0
+
+-- psql on the shared server, through its socket (trust: as root too):
+-- a command, or a list run one after another (each in a transaction of
+-- its own), up to the first failure
+local function shared_psql(commands)
+  if type(commands) == "string" then commands = { commands } end
+  return sh(PG_BIN .. "/psql -X -q -v ON_ERROR_STOP=1 -h " .. shared_pg.dir
+            .. " -p " .. shared_pg.port .. " -U postgres -d postgres -c '"
+            .. table.concat(commands, "' -c '") .. "' >>" .. shared_pg.dir
+            .. "/psql.log 2>&1")
+end
+
+-- syntax: db = servers.postgres_db()
+-- A fresh, empty database on this run's shared PostgreSQL server (trust
+-- auth on 127.0.0.1; started on the first call): db = { url, name,
+-- port, dir (the server's folder) }. For a describe block that wants a store of its own and does
+-- nothing to the server itself: a cluster's initdb, start and stop take
+-- 1.5 s, 3 s and more on a loaded machine, a database 0.1 s.
+-- servers.stop_all() (a teardown) drops the databases made so far,
+-- their sessions closed (WITH (FORCE)), and leaves the server running
+-- for the next describe block; the end of the busted run stops it (one
+-- busted run is one spec file under ctest: nothing is shared between
+-- the files ctest runs at once). A spec that stops, restarts or kills
+-- its server, or wants a password, starts its own: servers.postgres().
+function _M.postgres_db()
+  if not (shared_pg and shared_pg.running) then
+    shared_pg = new_postgres()
+  end
+  shared_n = shared_n + 1
+  local name = "spec_" .. shared_n
+  assert(shared_psql("CREATE DATABASE " .. name),
+         "CREATE DATABASE " .. name .. " failed, see " .. shared_pg.dir
+         .. "/psql.log")
+  shared_dbs[#shared_dbs + 1] = name
+  return { name = name, port = shared_pg.port, dir = shared_pg.dir,
+           url = "postgres://postgres@127.0.0.1:" .. shared_pg.port
+                 .. "/" .. name }
 end
 
 -- Are the server programs installed? (specs skip an engine when not)
@@ -402,24 +462,50 @@ function _M.have_postgres()
   return sh("test -x " .. PG_BIN .. "/initdb")
 end
 
+-- syntax: servers.stop_all()
+-- Stops every server started here (and removes its folder), and drops
+-- the databases servers.postgres_db() made; the shared server they were
+-- on runs on until the end of the run.
 function _M.stop_all()
   for i = #started, 1, -1 do
     started[i].cleanup()
     started[i] = nil
   end
+  -- connections refused first: a pool of a spec's (or of an app not
+  -- stopped yet) that reconnects at once to a database being dropped
+  -- held each drop up 1-3 s
+  local cmds = {}
+  for i = #shared_dbs, 1, -1 do
+    cmds[#cmds + 1] = "ALTER DATABASE " .. shared_dbs[i]
+      .. " ALLOW_CONNECTIONS false"
+    cmds[#cmds + 1] = "DROP DATABASE " .. shared_dbs[i] .. " WITH (FORCE)"
+    shared_dbs[i] = nil
+  end
+  if #cmds > 0 then
+    -- (a failure is left: the server goes at the run's end anyway)
+    shared_psql(cmds)
+  end
 end
 
 -- A spec that only stopped its server, or failed before its teardown,
 -- would leave the server running and its folder behind: the end of the
--- busted run stops what is left. Registered now, before any folder of
--- ours is made, so it runs before the kit removes its folders (a
--- server's pid file is in its folder).
-proc.at_run_end(_M.stop_all)
+-- busted run stops what is left, the shared server too. Registered now,
+-- before any folder of ours is made, so it runs before the kit removes
+-- its folders (a server's pid file is in its folder).
+proc.at_run_end(function()
+  for i = #shared_dbs, 1, -1 do shared_dbs[i] = nil end
+  _M.stop_all()
+  if shared_pg then
+    shared_pg.cleanup()
+    shared_pg = nil
+  end
+end)
 
 -- syntax: stores = servers.stores(dir, schema[, drop[, pg_opts]])
 -- A fresh store per call on each engine installed, keyed by engine:
 -- stores.sqlite() opens a new database file in dir; stores.postgres()
--- (only when PostgreSQL is installed) opens the shared server (pg_opts:
+-- (only when PostgreSQL is installed) opens a database of the run's
+-- shared server (servers.postgres_db(), one per stores(); pg_opts:
 -- sql.open's) after dropping the tables listed in drop ("a, b"). schema,
 -- an SQL script or one per engine, is run on each.
 function _M.stores(dir, schema, drop, pg_opts)
@@ -439,7 +525,7 @@ function _M.stores(dir, schema, drop, pg_opts)
   }
   if _M.have_postgres() then
     stores.postgres = function()
-      pg = pg or _M.postgres()
+      pg = pg or _M.postgres_db()
       local db = assert(sql.open(pg.url, pg_opts))
       if drop then
         assert(db:exec_script("DROP TABLE IF EXISTS " .. drop))

@@ -105,7 +105,9 @@ Env.__index = Env
 
 S.RSA = "WECHATPAY2-SHA256-RSA2048"
 
-local pg_server
+-- the describe block's PostgreSQL database (a fresh one per S.stop, on
+-- the run's one server: servers.postgres_db)
+local pg_db
 local envs = {}           -- started, for S.stop to close their handles
 
 -- S.default_db: the store of an env whose o.db is nil ("sqlite" when nil);
@@ -114,8 +116,9 @@ local envs = {}           -- started, for S.stop to close their handles
 S.default_db = nil
 
 -- syntax: env = S.start([o])
--- o: db ("sqlite" default, or "postgres": a PostgreSQL server of
--- spec/support/servers.lua, shared by the file's envs), gateway (more
+-- o: db ("sqlite" default, or "postgres": a database of the spec run's
+-- PostgreSQL server, spec/support/servers.lua's postgres_db, shared by
+-- the envs started until S.stop, which drops it), gateway (more
 -- config.gateway keys), admin_token (written to a file named by
 -- admin_token_file), time_scale (the simulator's), workers, appids (the
 -- simulator merchant's appids, the first its default: a list of two
@@ -149,11 +152,10 @@ function S.start(o)
   env.hook = testing.start_app{ source = S.RECEIVER,
                                 config = { secret = env.hook_secret } }
   if o.db == "postgres" then
-    if not pg_server then
-      local servers = require "support.servers"
-      pg_server = servers.postgres()
+    if not pg_db then
+      pg_db = require("spec.support.servers").postgres_db()
     end
-    env.db_url = pg_server.url
+    env.db_url = pg_db.url
   end
   env.gw = testing.start_app{ app = APP, workers = o.workers,
     timeout = o.start_timeout or 30,
@@ -198,9 +200,9 @@ function S.stop()
     envs[i] = nil
   end
   testing.stop_all()
-  if pg_server then
-    require("support.servers").stop_all()
-    pg_server = nil
+  if pg_db then
+    require("spec.support.servers").stop_all()   -- drops it
+    pg_db = nil
   end
 end
 
