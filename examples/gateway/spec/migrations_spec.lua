@@ -55,7 +55,7 @@ describe("gateway migrations over an older store", function()
     return "sqlite:" .. dir .. "/gw005.db"
   end } }
   if servers.have_postgres() then
-    engines[2] = { "postgres", function() return servers.postgres().url end }
+    engines[2] = { "postgres", function() return servers.postgres_db().url end }
   end
   teardown(function() servers.stop_all() end)
 
