@@ -119,7 +119,9 @@ S.default_db = nil
 -- o: db ("sqlite" default, or "postgres": a database of the spec run's
 -- PostgreSQL server, spec/support/servers.lua's postgres_db, shared by
 -- the envs started until S.stop, which drops it), gateway (more
--- config.gateway keys), admin_token (written to a file named by
+-- config.gateway keys), merchant (more config.merchants[1] keys:
+-- { deadline = 5 } for a WeChat that never answers, the kit's being
+-- 15 s), admin_token (written to a file named by
 -- admin_token_file), time_scale (the simulator's), workers, appids (the
 -- simulator merchant's appids, the first its default: a list of two
 -- makes a merchant paying under two apps; default one made up),
@@ -164,6 +166,7 @@ function S.start(o)
       env.db_url = env.db_url or ("sqlite:" .. srv.dir .. "/gateway.db")
       write(srv.dir .. "/hook.secret", env.hook_secret)
       local m = gwcore.merchant_config(env.sim, srv)
+      for k, v in pairs(o.merchant or {}) do m[k] = v end
       local g = { db = env.db_url, public_url = srv:url(""),
                   payment_ttl = 7200, on_late_payment = "refund",
                   webhooks = { { url = env.hook:url("/hook"),
