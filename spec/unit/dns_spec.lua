@@ -193,9 +193,9 @@ describe("paygate.dns", function()
         pending("postgres not installed")
         return
       end
-      local pg = servers.postgres()
+      local pg = servers.postgres_db()
       local db = assert(sql.open("postgres://postgres@two.test:" .. pg.port
-                                 .. "/postgres"))
+                                 .. "/" .. pg.name))
       local rows = assert(db:query("SELECT inet_server_addr()::text AS a"))
       assert.equal("127.0.0.1/32", rows[1].a)
       db:close()
@@ -207,7 +207,8 @@ describe("paygate.dns", function()
         pending("postgres not installed")
         return
       end
-      local ro, rw = servers.postgres(), servers.postgres()
+      -- ro is made read-only: a server of its own
+      local ro, rw = servers.postgres(), servers.postgres_db()
       local admin = assert(sql.open(ro.url))
       assert(admin:exec("ALTER SYSTEM SET default_transaction_read_only"
                         .. " = on"))
@@ -248,12 +249,12 @@ describe("paygate.dns", function()
         pending("postgres not installed")
         return
       end
-      local pg = servers.postgres()
+      local pg = servers.postgres_db()
       dns.flush()
       local db, t0 = nil, core.mono()
       core.spawn(function()
         db = assert(sql.open("postgres://postgres@slow.test:" .. pg.port
-                             .. "/postgres", { connect_timeout = 5 }))
+                             .. "/" .. pg.name, { connect_timeout = 5 }))
       end)
       local worst = 0
       while not db do
@@ -320,11 +321,11 @@ describe("paygate.dns", function()
         pending("postgres not installed")
         return
       end
-      local pg = servers.postgres()
+      local pg = servers.postgres_db()
       dns.flush()
       local t0 = core.mono()
       local db, err = sql.open("postgres://postgres@two.test:" .. pg.port
-                               .. ",slow.test:" .. pg.port .. "/postgres",
+                               .. ",slow.test:" .. pg.port .. "/" .. pg.name,
                                { connect_timeout = 1 })
       local took = core.mono() - t0
       -- let slow.test's lookup end, so later specs ask afresh
@@ -336,7 +337,7 @@ describe("paygate.dns", function()
       db:close()
       -- the only host still being looked up: kind dns, naming it
       local none, nerr = sql.open("postgres://postgres@slow.test:"
-                                  .. pg.port .. "/postgres",
+                                  .. pg.port .. "/" .. pg.name,
                                   { connect_timeout = 1 })
       assert(dns.resolve("slow.test"))
       dns.flush()
@@ -352,7 +353,7 @@ describe("paygate.dns", function()
         pending("postgres not installed")
         return
       end
-      local pg = servers.postgres()
+      local pg = servers.postgres_db()
       local dir = servers.mktemp()
       local script = dir .. "/open.lua"
       local f = assert(io.open(script, "w"))
@@ -411,7 +412,7 @@ print(db and "opened" or (err.kind .. " | " .. tostring(err)))
         pending("postgres not installed")
         return
       end
-      local pg = servers.postgres()
+      local pg = servers.postgres_db()
       -- libpq's own lookup would not know two.test
       local dir = service_dir({
         other = "host=nx.test\nport=1",
