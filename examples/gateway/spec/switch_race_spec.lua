@@ -46,7 +46,7 @@ describe("gateway requests racing a switch on PostgreSQL", function()
   local spawn = require("paygate.core").spawn
 
   setup(function()
-    local pg = servers.postgres()
+    local pg = servers.postgres_db()
     sim = testing.simulator{ time_scale = 100 }
     gw = core.start(sim, { db = function() return pg.url .. "?pool=6" end,
                            gateway = { reconcile = { enabled = false } } })
@@ -158,7 +158,7 @@ describe("gateway payment checks racing a switch on PostgreSQL", function()
   local spawn = require("paygate.core").spawn
 
   setup(function()
-    local pg = servers.postgres()
+    local pg = servers.postgres_db()
     sim = testing.simulator{ time_scale = 100 }
     -- lease_ttl 600: the runner does not renew its lease (an UPDATE of
     -- the row the spec holds) during the spec
