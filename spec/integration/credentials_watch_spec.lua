@@ -147,11 +147,12 @@ describe("watched credentials", function()
       errs[i] = { ok, res, err }
     end
     spoiled = 0
-    -- five failed reads in a row: read again each second (the pause
+    -- five failed reads in a row: read again every 0.1 s (the pause
     -- doubles up to READ_PAUSE_MAX, 30 s, which credentials_refuse_spec
-    -- covers), so that this stays about the answers, not the pause
+    -- covers), so that this stays about the answers, not the pause (1 s
+    -- each was 5 s of pauses waited out)
     local pause_max = credentials.READ_PAUSE_MAX
-    credentials.READ_PAUSE_MAX = 1
+    credentials.READ_PAUSE_MAX = 0.1
     local ok, err = swap_to_b(wx, 10, "the swap to BBBB02 after bad answers")
     credentials.READ_PAUSE_MAX = pause_max
     http.request = real
