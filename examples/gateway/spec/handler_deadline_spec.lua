@@ -36,9 +36,11 @@ describe("gateway: a WeChat call longer than the request's deadline",
 
   it("answers the documented 504 timeout before the handler's deadline,"
      .. " the payment unknown", function()
-    -- WeChat silent: every attempt (and its retries) waits 20 s
-    sim:fault{ endpoint = "prepay", kind = "latency", seconds = 20,
-               count = 20 }
+    -- WeChat silent: every attempt (and its retries) held at the
+    -- simulator until the teardown's clear_faults lets them go (was a
+    -- 20 s latency, which the simulator was still sleeping at its stop:
+    -- the teardown waited for it, ~9 s)
+    sim:hold("prepay", { count = 20, seconds = 120 })
     local t0 = require("paygate.core").mono()
     local res = gw:call("POST", "/v1/payments", { order_id = "dl-"
       .. require("paygate.crypto").random_nonce(8), channel = "native",
