@@ -56,6 +56,22 @@ it("errors with its servers running", function()
 end)
 ]]
 
+-- the child's spec for a run whose kit made a folder before it loaded
+-- the helpers (what the gateway's support.lua does: a simulator first):
+-- the kit removes its folders at the run's end before the helpers stop
+-- their servers. It leaves the run's shared PostgreSQL server running
+local LATE = PRELUDE:gsub("^[^\n]*\n", "") .. [[
+local testing = require "paygate.testing"
+it("makes a kit folder, then takes a database of the shared server",
+   function()
+  report("dir " .. testing.tmpdir())
+  local servers = require "spec.support.servers"
+  local db = servers.postgres_db()
+  report("dir " .. db.dir)
+  report("pid " .. first_line(db.dir .. "/data/postmaster.pid"))
+end)
+]]
+
 local function alive(pid)
   return proc.running(pid)
 end
@@ -147,6 +163,38 @@ describe("a spec run using spec/support/servers.lua", function()
                          "server " .. pid .. " to be gone")
     end
     assert.same({}, core.listdir(tmp))
+  end)
+
+  it("that loaded the helpers after its first kit folder leaves no"
+     .. " shared PostgreSQL server running", function()
+    if not servers.have_postgres() then
+      pending("PostgreSQL is not installed")
+      return
+    end
+    local dir, tmp = child_dirs()
+    local spec = dir .. "/late_spec.lua"
+    testing.write(spec, LATE)
+    local report = dir .. "/report"
+    local p = proc.spawn({ "env", "TMPDIR=" .. tmp, "REPORT=" .. report,
+      "PAYGATE_TEST_KEEP=", testing.server.bin(), "exec", BUSTED,
+      "--helper=spec/helpers.lua", "-o", "TAP", spec },
+      { log = dir .. "/log" })
+    local code = p:wait(180)
+    if code == nil then p:stop(5) end
+    local log = testing.read(dir .. "/log")
+    local dirs, pids = reported(report)
+    finally(function()
+      for _, pid in ipairs(pids) do servers.sh("kill -9 " .. pid .. " 2>/dev/null") end
+      for _, d in ipairs(dirs) do servers.sh("rm -rf '" .. d .. "'") end
+    end)
+    assert.equal(0, code, log)
+    assert.equal(1, #pids, log)
+    -- (a postmaster stopped may take a moment more to be gone)
+    testing.wait_until(function() return not alive(pids[1]) end, 30,
+                       "server " .. pids[1] .. " to be gone")
+    for _, d in ipairs(dirs) do
+      assert.is_false(proc.exists(d .. "/."), d .. " remains")
+    end
   end)
 
   -- A CI's timeout (timeout(1), a runner cancelling a job) SIGKILLs the

@@ -378,18 +378,30 @@ local function new_postgres(opts)
       srv.started_once = true
     end
     srv.running = true
+    srv.pid = read_file(srv.data .. "/postmaster.pid"):match("^%d+")
     -- QUIT: an immediate shutdown, what pg_ctl stop -m immediate sends
     -- (pg_ctl itself, as root, would need runuser in the guard)
-    _M.guard(srv, read_file(srv.data .. "/postmaster.pid"):match("^%d+"),
-             "QUIT")
+    _M.guard(srv, srv.pid, "QUIT")
   end
 
   function srv.stop(mode)
     if not srv.running then
       return
     end
-    sh(as .. PG_BIN .. "/pg_ctl -D " .. srv.data .. " -m " .. (mode or "fast")
-       .. " -w -t 30 stop >/dev/null 2>&1")
+    if not sh(as .. PG_BIN .. "/pg_ctl -D " .. srv.data .. " -m "
+              .. (mode or "fast") .. " -w -t 30 stop >/dev/null 2>&1")
+       and srv.pid and proc.running(srv.pid) then
+      -- pg_ctl needs the data folder: at the end of a run whose kit
+      -- removed its folders first (the shared server, stopped there, in
+      -- a run that loaded this file after its first simulator), the
+      -- postmaster itself is told, as pg_ctl would (QUIT: immediate,
+      -- INT: fast, TERM: smart)
+      local sig = ({ immediate = "QUIT", fast = "INT", smart = "TERM" })
+                  [mode or "fast"] or "INT"
+      sh("kill -" .. sig .. " " .. srv.pid)
+      _M.wait_for(function() return not proc.running(srv.pid) end, 30,
+                  "postgres " .. srv.pid .. " to exit")
+    end
     _M.unguard(srv)
     srv.running = false
   end
