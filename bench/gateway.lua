@@ -52,6 +52,18 @@
 --
 -- The fill's audit rows carry random hashes (not verifiable chains): they
 -- are there for their size and indexes, not for audit.verify.
+--
+-- Bench payment i's id is spread over the key space as the gateway's
+-- random ones are ("pay_" + a bijection of i, then i: pay_id), and so are
+-- its out_trade_no, transaction id, audit subject, outbox subject and
+-- notification business key. Ids ascending in i, the order the payments
+-- are notified in, flattered the gateway: consecutive notifications wrote
+-- the same leaf pages of every index keyed by them, and a group commit
+-- wrote each page once for many notifications, where in production each
+-- dirties leaves of its own. The kind letter ends the id, so the payments
+-- waiting for their notification lie among the history, not in a corner
+-- of each index of their own. Their created_at does follow i: payments
+-- are paid in about the order they are made.
 package.path = "bench/?.lua;" .. package.path
 local paygate = require "paygate"
 local sql = require "paygate.sql"
@@ -73,8 +85,27 @@ local function env_num(name, def)
   return tonumber(os.getenv(name) or "") or def
 end
 
+-- Bench payment i's key: 16 digits, spread(i) then i, each %08d.
+-- spread is a bijection of 0 .. 10^8-1 (i * P + C mod 10^8, P odd and not
+-- a multiple of 5, about 0.618 * 10^8: consecutive i land far apart);
+-- i * P + C < 6.2e15 stays exact in a double (2^53), SQLite's integers
+-- and PostgreSQL's bigint. series_sql computes the same in SQL.
+local SPREAD_P, SPREAD_C, SPREAD_M = 61803399, 27182818, 100000000
+
+local function key(i)
+  assert(i >= 0 and i < SPREAD_M and i % 1 == 0, "bench payment out of range")
+  return ("%08d%08d"):format((i * SPREAD_P + SPREAD_C) % SPREAD_M, i)
+end
+
+-- The payment id of bench payment i of kind "b" (waiting) or "h" (paid,
+-- the fill's history): the kind last, so both kinds share the key space.
 local function pay_id(kind, i)
-  return ("pay_%s%016d"):format(kind, i)
+  return "pay_" .. key(i) .. kind
+end
+
+-- Its transaction id (28 digits, as WeChat's), the kind (1: h, 2: b) last.
+local function transaction_id(kind, i)
+  return "42000000000" .. key(i) .. (kind == "h" and "1" or "2")
 end
 
 local function sh(cmd)
@@ -97,7 +128,7 @@ local platform_key
 local function resource_of(i)
   return {
     mchid = MCHID, appid = APPID, out_trade_no = pay_id("b", i) .. "_1",
-    transaction_id = ("4200000%021d"):format(i),
+    transaction_id = transaction_id("b", i),
     trade_type = "NATIVE", trade_state = "SUCCESS",
     trade_state_desc = "支付成功", bank_type = "CMC", attach = "",
     success_time = "2026-11-29T10:34:56+08:00",
@@ -155,23 +186,43 @@ end
 
 ---------------------------------------------------------------- fill
 
+-- Bench payments from..to of kind in SQL, for engine: with (the
+-- statement's prefix), from_s (its FROM clause, a row s(i) per payment),
+-- and the expressions of their id and transaction id (pay_id and
+-- transaction_id of i).
+local function series_sql(engine, kind, from, to)
+  local pg = engine == "postgres"
+  local with, from_s, k
+  if pg then
+    with = ""
+    -- bigint: i * SPREAD_P overflows an integer
+    from_s = ("FROM generate_series(%d::bigint, %d::bigint) AS s(i)")
+             :format(from, to)
+    k = ("(lpad(((i * %d + %d) %% %d)::text, 8, '0') || lpad(i::text, 8,"
+         .. " '0'))"):format(SPREAD_P, SPREAD_C, SPREAD_M)
+  else
+    with = ("WITH RECURSIVE s(i) AS (SELECT %d UNION ALL SELECT i + 1 FROM s"
+            .. " WHERE i < %d) "):format(from, to)
+    from_s = "FROM s"
+    k = ("printf('%%08d%%08d', (i * %d + %d) %% %d, i)"):format(SPREAD_P,
+         SPREAD_C, SPREAD_M)
+  end
+  return with, from_s, ("('pay_' || %s || '%s')"):format(k, kind),
+    ("('42000000000' || %s || '%s')"):format(k, kind == "h" and "1" or "2")
+end
+
 -- The bulk SQL of payments from..to of kind "h" (paid, with history) or
--- "b" (waiting for their notification), for engine.
+-- "b" (waiting for their notification), for engine. Created 1 ms apart
+-- in the order of i (the history a day before now): the order they are
+-- notified in, as payments are paid in about the order they are made.
 local function fill_sql(engine, kind, from, to, now)
   local pg = engine == "postgres"
-  local series = pg
-    and ("FROM generate_series(%d, %d) AS s(i)"):format(from, to)
-    or ""
-  local with = pg and ""
-    or ("WITH RECURSIVE s(i) AS (SELECT %d UNION ALL SELECT i + 1 FROM s"
-        .. " WHERE i < %d) "):format(from, to)
-  local from_s = pg and series or "FROM s"
-  local id = pg and ("('pay_%s' || lpad(i::text, 16, '0'))"):format(kind)
-             or ("printf('pay_%s%%016d', i)"):format(kind)
+  local with, from_s, id, txn = series_sql(engine, kind, from, to)
   local hash = pg and "(md5(random()::text) || md5(random()::text))"
                or "lower(hex(randomblob(32)))"
   local paid = kind == "h"
   local T = tostring(now)
+  local CREATED = ("(%d + i * 0.001)"):format(paid and now - 86400 or now)
   local stmts = {}
   local function add(s)
     stmts[#stmts + 1] = with .. s
@@ -183,14 +234,14 @@ local function fill_sql(engine, kind, from, to, now)
 SELECT ID, 'bench', 'ord-' || ID, '%s', '%s', 'native', 100, 'CNY',
   'bench order', '%s', %d, ID || '_1', 1, %s, %s, 0, %s, 0, %s, %s, %s,
   %s, 0 %s]]):format(MCHID, APPID, paid and "paid" or "paying",
-    paid and 3 or 2, paid and "'4200' || ID" or "NULL",
+    paid and 3 or 2, paid and "TXN" or "NULL",
     paid and "ID || '_1'" or "NULL", paid and "100" or "NULL",
-    T .. " + 7200", T, T, paid and T or "NULL", from_s))
+    T .. " + 7200", CREATED, T, paid and T or "NULL", from_s))
   add(([[INSERT INTO gw_attempts (out_trade_no, payment_id, n, channel,
   state, prepay, transaction_id, created_at, closed_at)
 SELECT ID || '_1', ID, 1, 'native', '%s',
   '{"code_url":"weixin://wxpay/bizpayurl?pr=bench"}', %s, %s, %s %s]]):format(
-    paid and "paid" or "open", paid and "'4200' || ID" or "NULL", T,
+    paid and "paid" or "open", paid and "TXN" or "NULL", CREATED,
     paid and T or "NULL", from_s))
   local entries = paid and 3 or 2
   add(([[INSERT INTO paygate_audit (subject, seq, what, ref, from_state,
@@ -223,21 +274,29 @@ SELECT ID, 'payment.paid', '{"type":"payment.paid","payment":{"id":"'
   || ID || '","state":"paid","amount":100,"currency":"CNY"}}', 0,
   'delivered', 1, %s, %s, %s, 'hooks' %s]]):format(T, T, T, from_s))
   end
-  local rep = id:gsub("%%", "%%%%")
+  local id_rep, txn_rep = id:gsub("%%", "%%%%"), txn:gsub("%%", "%%%%")
   for i, s in ipairs(stmts) do
-    stmts[i] = s:gsub("ID", rep)
+    stmts[i] = s:gsub("TXN", txn_rep):gsub("ID", id_rep)
   end
   return stmts
 end
 
 -- Makes the gateway's tables (its migrations, the audit's and the
--- outbox's), then inserts kind's payments from..to in chunks.
+-- outbox's), then inserts kind's payments from..to in chunks. On SQLite
+-- with the savepoint journals of this connection in memory: their ids
+-- are spread, so a chunk changes leaf pages all over every index, and a
+-- write whose journal (the first image of each page it changes) spills
+-- to a temporary file past 8 MiB fails "database or disk is full"
+-- (LSQLITE_STMT_SPILL).
 local function fill(url, kind, from, to)
   local db = assert(sql.open(url))
   assert(migrate.run(db, GATEWAY .. "/migrations"))
   assert(audit.ensure_schema(db))
   assert(outbox.setup(db))
   local now = math.floor(paygate.now())
+  if db.engine == "sqlite" then
+    assert(db:exec("PRAGMA temp_store = MEMORY"))
+  end
   local CHUNK = 100000
   for a = from, to, CHUNK do
     local b = math.min(to, a + CHUNK - 1)
@@ -513,20 +572,23 @@ end
 
 -- How many of payments from..to are paid, and how many audit entries and
 -- outbox events they have (each paid one exactly once: 3 entries, 1
--- event; the others untouched: 2 entries).
+-- event; the others untouched: 2 entries). Their ids are spread (pay_id):
+-- each count joins the series of them.
 local function check(url, from, to)
   local db = assert(sql.open(url))
-  local a, b = pay_id("b", from), pay_id("b", to)
-  local paid = assert(db:query("SELECT count(*) AS n FROM gw_payments"
-    .. " WHERE id BETWEEN $1 AND $2 AND state = 'paid'", { a, b }))[1].n
-  local entries = assert(db:query("SELECT count(*) AS n FROM paygate_audit"
-    .. " WHERE subject BETWEEN $1 AND $2", { "payment:" .. a,
-                                             "payment:" .. b }))[1].n
-  local events = assert(db:query("SELECT count(*) AS n FROM paygate_outbox"
-    .. " WHERE subject BETWEEN $1 AND $2 AND type = 'payment.paid'",
-    { a, b }))[1].n
+  local with, from_s, id = series_sql(db.engine, "b", from, to)
+  local id_rep = id:gsub("%%", "%%%%")
+  local function count(join)
+    local q = ("%sSELECT count(*) AS n %s JOIN %s"):format(with, from_s,
+      (join:gsub("ID", id_rep)))
+    return tonumber(assert(db:query(q))[1].n)
+  end
+  local paid = count("gw_payments p ON p.id = ID AND p.state = 'paid'")
+  local entries = count("paygate_audit a ON a.subject = 'payment:' || ID")
+  local events = count("paygate_outbox o ON o.subject = ID"
+                       .. " AND o.type = 'payment.paid'")
   db:close()
-  return tonumber(paid), tonumber(entries), tonumber(events)
+  return paid, entries, events
 end
 
 -- The run of median rate, with the median of each figure (of an even
