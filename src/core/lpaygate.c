@@ -1785,7 +1785,9 @@ static const luaL_Reg lcore_funcs[] = {
  * to do, not at the first missing call ("attempt to call field
  * 'histogram' (a nil value)"). Level 1: metrics.histogram, write_file's
  * opts.sync, tls.set_certificate's reasons, core.chmod. Level 2:
- * http.core.close_idle. spec/fixtures/lua_api.txt
+ * http.core.close_idle, histogram:observe's n, SQLite h:stats()'s
+ * commit figures (commit_seconds, commit_buckets, reads_reader).
+ * spec/fixtures/lua_api.txt
  * lists the primitives' names under the level (spec lua_api compares):
  * a name added or gone fails there until the level is raised. */
 #define GW_LUA_API 2
