@@ -163,4 +163,40 @@ describe("sql.open options", function()
      .. " cost ~45 pwrite calls)", function()
     assert.is_true(require("paygate.sqlite.core").subjournal_in_memory)
   end)
+
+  it("commits a SQLite write whose savepoint journal outgrows memory (a"
+     .. " bulk UPDATE of a 13 MB table: its journal spills to a temporary"
+     .. " file; it failed \"database or disk is full\")", function()
+    local db = assert(sql.open("sqlite:" .. tmp .. "/spill.db"))
+    assert(db:exec("CREATE TABLE t (k INTEGER PRIMARY KEY, v TEXT)"))
+    assert(db:exec("WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1"
+      .. " FROM s WHERE i < 120000) INSERT INTO t SELECT i,"
+      .. " hex(randomblob(50)) FROM s"))
+    local pages = assert(db:query("SELECT page_count * page_size AS n"
+      .. " FROM pragma_page_count(), pragma_page_size()"))[1].n
+    assert.is_true(pages > 12e6, "the table is " .. pages .. " bytes")
+    local ok, err = db:exec("UPDATE t SET v = lower(v)")
+    assert.is_nil(err)
+    assert.truthy(ok)
+    assert.equal(0, assert(db:query("SELECT count(*) AS n FROM t"
+      .. " WHERE v <> lower(v)"))[1].n)
+    db:close()
+  end)
+
+  it("commits a SQLite write whose TEMP table's journal outgrows memory (a"
+     .. " temporary database's journal spills like a savepoint's; it failed"
+     .. " \"database or disk is full\")", function()
+    local db = assert(sql.open("sqlite:" .. tmp .. "/spill_temp.db"))
+    -- a TEMP table lives on the writer's connection: read it with exec
+    assert(db:exec("CREATE TEMP TABLE t (k INTEGER PRIMARY KEY, v TEXT)"))
+    assert(db:exec("WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1"
+      .. " FROM s WHERE i < 120000) INSERT INTO temp.t SELECT i,"
+      .. " hex(randomblob(50)) FROM s"))
+    local ok, err = db:exec("UPDATE temp.t SET v = lower(v)")
+    assert.is_nil(err)
+    assert.equal(120000, ok.changes)
+    assert.equal(0, assert(db:exec("SELECT count(*) AS n FROM temp.t"
+      .. " WHERE v <> lower(v)")).rows[1].n)
+    db:close()
+  end)
 end)

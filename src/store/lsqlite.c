@@ -3541,10 +3541,130 @@ static const luaL_Reg lsqlite_funcs[] = {
  * job (some twenty pages) then cost ~45 pwrite() calls of its own, most of
  * the writer's system time. Keeping sub-journals in memory up to 8 MiB (a
  * job's images are dropped when it ends; a bigger one, a bulk UPDATE,
- * still spills) removes them. Process-wide: only possible before SQLite
- * initialises, which opening a database does; so it runs once, here.
+ * spills to a temporary file) removes them. Process-wide: only possible
+ * before SQLite initialises, which opening a database does; so it runs
+ * once, here, with the split VFS below, without which a spill fails.
  */
 #define LSQLITE_STMT_SPILL  (8 * 1024 * 1024)
+
+/*
+ * The split VFS: SQLite's default VFS ("unix"), except that a write to a
+ * temporary journal goes to the file in pieces of at most 64 KiB.
+ *
+ * SQLite keeps an in-memory journal in chunks of the spill size, and when
+ * it spills it writes each chunk to the new file in ONE call: 8 MiB here.
+ * The unix VFS writes at most 128 KiB - 1 bytes a call (seekAndWriteFd
+ * masks the length, it expects pages) and reports what it could not write
+ * as SQLITE_FULL: every write whose savepoint journal passed 8 MiB failed
+ * "database or disk is full". Only the files an in-memory journal spills
+ * to (sub-journals, and the journals of temporary databases, which use the
+ * same spill size) get such writes; SQLite's other writes are a page, at
+ * most 64 KiB, or a WAL frame.
+ *
+ * It is the default VFS's own struct, copied, under another name, with
+ * its own xOpen: every other method is the default VFS's, which reads only
+ * fields the copy carries over. xOpen opens the real file in the caller's
+ * memory (the same size: szOsFile is copied too), so the file IS the
+ * default VFS's file. For a temporary journal it then swaps the file's
+ * methods for a copy of them whose xWrite calls the real one in pieces;
+ * every other method, xClose, xFileControl, ..., is the real one, given
+ * the same file. One copy per distinct real methods table (the unix VFS
+ * has a few, by locking style); SPLIT_MAX of them at most, and a file
+ * whose table finds no room keeps its own (its big writes fail as before,
+ * never worse). Registered as the process's default VFS, so that every
+ * connection (a backup's copy, an ATTACHed file) spills as well as it
+ * keeps in memory: the spill size is process-wide too.
+ */
+#define SPLIT_PIECE  (64 * 1024)    /* bytes: at most one unix write */
+#define SPLIT_MAX    8              /* distinct real methods tables */
+
+struct split_io {
+    sqlite3_io_methods         m;      /* first: a file's pMethods */
+    const sqlite3_io_methods  *real;   /* the default VFS's, m's source */
+};
+
+static sqlite3_vfs      split_vfs;      /* set once by split_register() */
+static sqlite3_vfs     *split_real;     /* the default VFS; process's */
+static struct split_io  split_io[SPLIT_MAX];   /* guarded by split_mu */
+static int              split_nio;      /* used entries; under split_mu */
+static pthread_mutex_t  split_mu = PTHREAD_MUTEX_INITIALIZER;
+
+static int
+split_write(sqlite3_file *f, const void *buf, int n, sqlite3_int64 off)
+{
+    const struct split_io *s = (const struct split_io *) f->pMethods;
+    const char            *p = buf;
+    int                    rc = SQLITE_OK;
+    int                    k;
+
+    while (n > 0 && rc == SQLITE_OK) {
+        k = n < SPLIT_PIECE ? n : SPLIT_PIECE;
+        rc = s->real->xWrite(f, p, k, off);
+        p += k;
+        off += k;
+        n -= k;
+    }
+    return rc;
+}
+
+/* The methods for a temporary journal whose real methods are real: a
+ * copy with split_write; NULL when SPLIT_MAX copies are taken. */
+static const sqlite3_io_methods *
+split_methods(const sqlite3_io_methods *real)
+{
+    const sqlite3_io_methods *m = NULL;
+    int                       i;
+
+    pthread_mutex_lock(&split_mu);
+    for (i = 0; i < split_nio && split_io[i].real != real; i++) {
+        /* find its copy */
+    }
+    if (i == split_nio && i < SPLIT_MAX) {
+        split_io[i].m = *real;
+        split_io[i].m.xWrite = split_write;
+        split_io[i].real = real;
+        split_nio++;
+    }
+    if (i < split_nio) {
+        m = &split_io[i].m;
+    }
+    pthread_mutex_unlock(&split_mu);
+    return m;
+}
+
+static int
+split_open(sqlite3_vfs *vfs, const char *name, sqlite3_file *f, int flags,
+           int *out_flags)
+{
+    const sqlite3_io_methods *m;
+    int                       rc;
+
+    (void) vfs;
+    rc = split_real->xOpen(split_real, name, f, flags, out_flags);
+    if (rc != SQLITE_OK || f->pMethods == NULL
+        || !(flags & (SQLITE_OPEN_SUBJOURNAL | SQLITE_OPEN_TEMP_JOURNAL))) {
+        return rc;
+    }
+    m = split_methods(f->pMethods);
+    if (m != NULL) {
+        f->pMethods = m;
+    }
+    return rc;
+}
+
+static int
+split_register(void)
+{
+    split_real = sqlite3_vfs_find(NULL);
+    if (split_real == NULL) {
+        return SQLITE_ERROR;
+    }
+    split_vfs = *split_real;
+    split_vfs.pNext = NULL;
+    split_vfs.zName = "paygate-split";
+    split_vfs.xOpen = split_open;
+    return sqlite3_vfs_register(&split_vfs, 1);
+}
 
 static int lsqlite_spill_rc = -1;
 
@@ -3553,6 +3673,13 @@ lsqlite_configure(void)
 {
     lsqlite_spill_rc = sqlite3_config(SQLITE_CONFIG_STMTJRNL_SPILL,
                                       LSQLITE_STMT_SPILL);
+    if (split_register() != SQLITE_OK && lsqlite_spill_rc == SQLITE_OK) {
+        /* no spill of 8 MiB chunks without it: back to SQLite's own size
+         * (nothing else opened a database yet: the config took) */
+        sqlite3_shutdown();
+        sqlite3_config(SQLITE_CONFIG_STMTJRNL_SPILL, 64 * 1024);
+        lsqlite_spill_rc = SQLITE_ERROR;
+    }
 }
 
 int
