@@ -10,8 +10,7 @@
 --   sentinel.available()         -- false: redis-sentinel not installed
 --
 -- Sentinels call the master down after 1 s without an answer and fail
--- over at once (quorum 2), and ask the servers for INFO every second.
--- Readiness is waited for with deadlines.
+-- over at once (quorum 2). Readiness is waited for with deadlines.
 local servers = require "spec.support.servers"
 local proc = require "paygate.testing.proc"
 
@@ -122,19 +121,6 @@ function _M.start()
     local s = daemon(dir, "sentinel" .. i, sp, function()
       return "redis-sentinel " .. conf
     end)
-    -- INFO from the replicas every 1 s, not Sentinel's 10 s (1 s only
-    -- while their master is down or failing over): an old master back
-    -- after a failover was made a replica of the new master, and a
-    -- replica judged fit to promote (g.wait_replica_ok), only at the
-    -- next 10 s INFO, which three failover cases waited out (10 s of
-    -- each). Not kept in the config file: set at every start.
-    local start = s.start
-    function s.start()
-      start()
-      local out = cli(sp, "SENTINEL DEBUG info-period 1000"
-                          .. " publish-period 250")
-      assert(out:match("OK"), "SENTINEL DEBUG: " .. out)
-    end
     s.start()
     g.sentinels[i] = s
     list[#list + 1] = "127.0.0.1:" .. sp
