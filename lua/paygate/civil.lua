@@ -117,31 +117,17 @@ end
 
 local MONTH_NAMES = { "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug",
                       "Sep", "Oct", "Nov", "Dec" }
-local WEEKDAYS = { "Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed" }  -- from
-                                                  -- 1970-01-01, a Thursday
+local WEEKDAYS = { "Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat" }
 
 --- syntax: s = civil.http_date_text(t)
 -- t: epoch seconds (a fraction is dropped). returns: t as an HTTP Date
 -- header writes it (IMF-fixdate, "Mon, 07 Dec 2026 06:38:48 GMT"), in
--- English whatever the locale: what civil.http_date reads back.
+-- English whatever the locale (os.date's "!*t" fields are numbers): what
+-- civil.http_date reads back.
 function _M.http_date_text(t)
-  t = floor(t)
-  local days = floor(t / 86400)
-  local secs = t - days * 86400
-  -- the civil date of days (the inverse of _M.days)
-  local z = days + 719468
-  local era = floor(z / 146097)
-  local doe = z - era * 146097
-  local yoe = floor((doe - floor(doe / 1460) + floor(doe / 36524)
-                     - floor(doe / 146096)) / 365)
-  local doy = doe - (365 * yoe + floor(yoe / 4) - floor(yoe / 100))
-  local mp = floor((5 * doy + 2) / 153)
-  local d = doy - floor((153 * mp + 2) / 5) + 1
-  local m = mp < 10 and mp + 3 or mp - 9
-  local y = yoe + era * 400 + (m <= 2 and 1 or 0)
-  return ("%s, %02d %s %04d %02d:%02d:%02d GMT"):format(
-    WEEKDAYS[days % 7 + 1], d, MONTH_NAMES[m], y, floor(secs / 3600),
-    floor(secs % 3600 / 60), secs % 60)
+  local c = os.date("!*t", floor(t))
+  return ("%s, %02d %s %04d %02d:%02d:%02d GMT"):format(WEEKDAYS[c.wday],
+    c.day, MONTH_NAMES[c.month], c.year, c.hour, c.min, c.sec)
 end
 
 return _M

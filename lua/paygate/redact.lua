@@ -24,6 +24,26 @@ function _M.split_query(s)
 end
 local split_query = _M.split_query
 
+--- syntax: scheme, userinfo, hostpath, query = redact.parts(url)
+-- A store's URL in the pieces paygate.redis, paygate.sql and redact.url
+-- read: scheme with its "://"; userinfo everything before the last "@"
+-- ahead of the query (split_query: a password may hold "/", "@" or "?"),
+-- nil when there is none; hostpath what follows it up to the query;
+-- query "" or beginning with "?". nil for a text with no scheme.
+function _M.parts(url)
+  local scheme, rest = tostring(url):match("^(%a[%w+.-]*://)(.*)$")
+  if not scheme then
+    return nil
+  end
+  local main, query = split_query(rest)
+  local at = main:match(".*()@")
+  if at then
+    return scheme, main:sub(1, at - 1), main:sub(at + 1), query
+  end
+  return scheme, nil, main, query
+end
+local parts = _M.parts
+
 --- syntax: s = redact.url(url)
 -- A store's URL as a message may print it: no password. The user info is
 -- everything before the last "@" ahead of the query (split_query), as
@@ -35,16 +55,11 @@ local split_query = _M.split_query
 -- too.
 function _M.url(url)
   url = tostring(url)
-  local scheme, rest = url:match("^(%a[%w+.-]*://)(.*)$")
+  local scheme, userinfo, hostpath, query = parts(url)
   if scheme then
-    local main, query = split_query(rest)
-    local at = main:match(".*()@")
-    if at then
-      local user = not scheme:lower():find("^redis")
-                   and main:sub(1, at - 1):match("^([^:]*)") or ""
-      main = (user ~= "" and user .. "@" or "") .. main:sub(at + 1)
-    end
-    url = scheme .. main .. query
+    local user = userinfo and not scheme:lower():find("^redis")
+                 and userinfo:match("^([^:]*)") or ""
+    url = scheme .. (user ~= "" and user .. "@" or "") .. hostpath .. query
   end
   -- password=, and every other option named *password (paygate.redis's
   -- sentinel_password, libpq's sslpassword)

@@ -155,9 +155,8 @@ local function store_label(engine, url, path)
   if engine == "sqlite" then
     name = path:match("([^/]*)$")
   else
-    local base = redact.split_query(url)
-    local main = base:match("^%a[%w+.-]*://(.*)$") or ""
-    name = main:match(".*@(.*)$") or main
+    local _, _, hostpath = redact.parts(url)
+    name = hostpath or ""
   end
   if name == "" then name = "-" end
   return (utf8_clean(name, 64))
@@ -430,11 +429,9 @@ end
 -- Whether a postgres:// URL gives the password itself (user:password@,
 -- or ?password=): libpq then takes no other (PGPASSWORD, PGPASSFILE)
 local function url_has_password(url)
-  local rest = tostring(url):match("^%a[%w+.-]*://(.*)$") or ""
-  local main, query = redact.split_query(rest)
-  local at = main:match(".*()@")
-  if at and main:sub(1, at - 1):match(":(.+)$") then return true end
-  return query:find("[?&]password=[^&]") ~= nil
+  local _, userinfo, _, query = redact.parts(url)
+  if userinfo and userinfo:match(":(.+)$") then return true end
+  return query ~= nil and query:find("[?&]password=[^&]") ~= nil
 end
 
 --- syntax: fix, why, from_env = sql.login_fix(url, err[, who[, key]])
