@@ -350,8 +350,12 @@ end
 -- The Date header of a /v3 answer: WeChat's clock (sim.clock, at the
 -- host's time now, default core.time()), as the Wechatpay-Timestamp it
 -- signs is; WeChat's Date and timestamp come from one clock (the
--- runtime's Date would be the host's).
+-- runtime's Date would be the host's). nil at clock_offset 0: the
+-- runtime's own Date (made once a second) is then WeChat's clock too.
 local function date(now)
+  if clock.offset == 0 then
+    return nil
+  end
   return http_date_text(clock.now(now))
 end
 
