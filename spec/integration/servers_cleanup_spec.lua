@@ -124,26 +124,35 @@ it("is killed with its servers running", function()
 end)
 ]]
 
+-- Runs source as a spec file of its own (name) in a busted run of its
+-- own, TMPDIR a fresh folder; returns its exit code (nil: it did not
+-- end), its log, the folders and server pids it reported, and its TMPDIR.
+-- Whatever the case finds, nothing of the child outlives it (finally:
+-- call it inside a case).
+local function run_child(name, source)
+  local dir, tmp = child_dirs()
+  local spec = dir .. "/" .. name
+  testing.write(spec, source)
+  local report = dir .. "/report"
+  local p = proc.spawn({ "env", "TMPDIR=" .. tmp, "REPORT=" .. report,
+    "PAYGATE_TEST_KEEP=", testing.server.bin(), "exec", BUSTED,
+    "--helper=spec/helpers.lua", "-o", "TAP", spec },
+    { log = dir .. "/log" })
+  local code = p:wait(180)
+  if code == nil then p:stop(5) end
+  local log = testing.read(dir .. "/log")
+  local dirs, pids = reported(report)
+  finally(function()
+    for _, pid in ipairs(pids) do servers.sh("kill -9 " .. pid .. " 2>/dev/null") end
+    for _, d in ipairs(dirs) do servers.sh("rm -rf '" .. d .. "'") end
+  end)
+  return code, log, dirs, pids, tmp
+end
+
 describe("a spec run using spec/support/servers.lua", function()
   it("that errors with no teardown leaves no server running and no"
      .. " folder behind, and made its folders in TMPDIR", function()
-    local dir, tmp = child_dirs()
-    local spec = dir .. "/child_spec.lua"
-    testing.write(spec, CHILD)
-    local report = dir .. "/report"
-    local p = proc.spawn({ "env", "TMPDIR=" .. tmp, "REPORT=" .. report,
-      "PAYGATE_TEST_KEEP=", testing.server.bin(), "exec", BUSTED,
-      "--helper=spec/helpers.lua", "-o", "TAP", spec },
-      { log = dir .. "/log" })
-    local code = p:wait(180)
-    if code == nil then p:stop(5) end
-    local log = testing.read(dir .. "/log")
-    local dirs, pids = reported(report)
-    -- whatever this spec finds, nothing of the child outlives it
-    finally(function()
-      for _, pid in ipairs(pids) do servers.sh("kill -9 " .. pid .. " 2>/dev/null") end
-      for _, d in ipairs(dirs) do servers.sh("rm -rf '" .. d .. "'") end
-    end)
+    local code, log, dirs, pids, tmp = run_child("child_spec.lua", CHILD)
     assert.is_not_nil(code, "the spec run did not end: " .. log)
     assert.are_not.equal(0, code, log)
     assert.matches("not ok 1", log, 1, true)
@@ -171,22 +180,7 @@ describe("a spec run using spec/support/servers.lua", function()
       pending("PostgreSQL is not installed")
       return
     end
-    local dir, tmp = child_dirs()
-    local spec = dir .. "/late_spec.lua"
-    testing.write(spec, LATE)
-    local report = dir .. "/report"
-    local p = proc.spawn({ "env", "TMPDIR=" .. tmp, "REPORT=" .. report,
-      "PAYGATE_TEST_KEEP=", testing.server.bin(), "exec", BUSTED,
-      "--helper=spec/helpers.lua", "-o", "TAP", spec },
-      { log = dir .. "/log" })
-    local code = p:wait(180)
-    if code == nil then p:stop(5) end
-    local log = testing.read(dir .. "/log")
-    local dirs, pids = reported(report)
-    finally(function()
-      for _, pid in ipairs(pids) do servers.sh("kill -9 " .. pid .. " 2>/dev/null") end
-      for _, d in ipairs(dirs) do servers.sh("rm -rf '" .. d .. "'") end
-    end)
+    local code, log, dirs, pids = run_child("late_spec.lua", LATE)
     assert.equal(0, code, log)
     assert.equal(1, #pids, log)
     -- (a postmaster stopped may take a moment more to be gone)
