@@ -1077,7 +1077,8 @@ end
 --          commit_seconds (the COMMITs' time, s), commit_seconds_max (the
 --          longest), commit_buckets = { { le = s, count, seconds }, ... }
 --          (the COMMITs of each bucket of their time, not cumulative; the
---          last le math.huge) }; PostgreSQL: { round_trips = requests the
+--          last le math.huge), cache_bytes (the writer's page cache after
+--          its last COMMIT: at most cache_mib) }; PostgreSQL: { round_trips = requests the
 --          server answered as one so far }
 function DB:stats()
   check_db("db:stats", self)

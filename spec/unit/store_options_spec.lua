@@ -20,6 +20,7 @@ local BAD = {
   tx_timeout = { "x", -1, 1.5 },
   synchronous = { "x", 9, -1 },
   checkpoint_pages = { "x", 0, 1.5 },
+  cache_mib = { "x", 0, 1.5, 65537 },
   pool = { "x", 0, 1.5, 33, true },
   connect_timeout = { "1", -1, 0 / 0, math.huge },
   query_timeout = { "x", 0, -1, 0 / 0 },
@@ -88,6 +89,32 @@ describe("sql.open options", function()
     local kept, copied = wal_after(100000), wal_after(1)
     assert.truthy(kept > 60 * 4096, kept)
     assert.truthy(copied < 16 * 4096, copied)
+  end)
+
+  it("cache_mib: how much of the database the writer keeps in memory",
+     function()
+    -- 8 MB of rows written: the writer's page cache keeps what it touched
+    -- up to cache_mib (32 by default); at 1 it holds about a MiB.
+    -- (SQLite's own default, 2000 KiB, would hold about 2 MB.)
+    local function cache_after(query)
+      local path = tmp .. "/cache" .. query:gsub("%W", "") .. ".db"
+      local db = assert(sql.open("sqlite:" .. path .. query))
+      assert.equal(0, db:stats().cache_bytes)
+      assert(db:exec("CREATE TABLE t (k INTEGER PRIMARY KEY, v TEXT)"))
+      local row = ("x"):rep(1000)
+      for i = 1, 8 do
+        assert(db:exec("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT"
+          .. " i + 1 FROM n WHERE i < 1000) INSERT INTO t (v) SELECT $1"
+          .. " || i FROM n", { row }))
+      end
+      local bytes = db:stats().cache_bytes
+      db:close()
+      return bytes
+    end
+    local default, small = cache_after(""), cache_after("?cache_mib=1")
+    assert.truthy(default > 6 * 1024 * 1024, default)
+    assert.truthy(small < 1.5 * 1024 * 1024, small)
+    assert.truthy(small > 256 * 1024, small)
   end)
 
   it("checks options given in a sqlite url's query string", function()

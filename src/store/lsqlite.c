@@ -123,6 +123,11 @@
 #define LSQLITE_MAX_READERS GW_STORE_SQLITE_MAX_READERS /* threads */
 #define LSQLITE_BATCH_MAX 1024    /* jobs per group commit */
 #define LSQLITE_INLINE_US 200     /* inline read budget, microseconds */
+#define LSQLITE_CKPT_PAGES 8000   /* wal_autocheckpoint (32 MiB of 4 KiB
+                                     pages): SQLite's 1000 copied the
+                                     random pages of a gateway's indexes
+                                     into the file 8 times as often */
+#define LSQLITE_CACHE_MIB 32      /* the writer's page cache */
 #define INLINE_SKIPS      64      /* runs of an over-budget query that go
                                      to the readers directly */
 #define INLINE_STEPS      200     /* VM steps between clock checks */
@@ -240,6 +245,8 @@ struct lsqlite_commit_stats {
     uint64_t max_ns;                         /* ns: the longest COMMIT */
     uint64_t n[LSQLITE_COMMIT_NB];           /* COMMITs per bucket */
     uint64_t ns[LSQLITE_COMMIT_NB];          /* ns they took, per bucket */
+    long     cache_bytes;                    /* the writer's page cache,
+                                                after the last COMMIT */
 };
 
 struct lsqlite_db {
@@ -265,6 +272,7 @@ struct lsqlite_db {
     int                tx_timeout_ms;/* idle interactive tx is rolled back */
     int                synchronous;  /* PRAGMA synchronous value */
     int                ckpt_pages;   /* PRAGMA wal_autocheckpoint value */
+    int                cache_mib;    /* the writer's PRAGMA cache_size */
     int                inline_us;    /* inline read budget, 0: none */
     /* the loop thread's own read-only connection (inline reads) */
     struct lsqlite_conn inl;
@@ -1578,8 +1586,9 @@ conn_open(struct lsqlite_conn *c, struct lsqlite_db *db, int readonly,
     }
     snprintf(pragmas, sizeof(pragmas),
              "PRAGMA journal_mode=WAL; PRAGMA synchronous=%d;"
-             " PRAGMA foreign_keys=ON; PRAGMA wal_autocheckpoint=%d;",
-             db->synchronous, db->ckpt_pages);
+             " PRAGMA foreign_keys=ON; PRAGMA wal_autocheckpoint=%d;"
+             " PRAGMA cache_size=-%d;",
+             db->synchronous, db->ckpt_pages, db->cache_mib * 1024);
     /* Switching to WAL takes an exclusive lock, and SQLite answers BUSY
      * at once, without its busy handler, when waiting could deadlock (a
      * second process holding a shared lock on the new file while it
@@ -1937,12 +1946,15 @@ batch_run_job(struct lsqlite_db *db, struct lsqlite_conn *c,
  * time). A handful of relaxed stores between two of cseq: no lock, no
  * allocation (h:stats() reads them with commit_stats_read). */
 static void
-commit_stats_add(struct lsqlite_db *db, long jobs, long long ns)
+commit_stats_add(struct lsqlite_db *db, sqlite3 *h, long jobs, long long ns)
 {
     struct lsqlite_commit_stats *cs = &db->cs;
     unsigned long seq = __atomic_load_n(&db->cseq, __ATOMIC_RELAXED);
     uint64_t      t = ns > 0 ? (uint64_t) ns : 0;
     size_t        i = 0;
+    int           cache = 0, hi = 0;
+
+    sqlite3_db_status(h, SQLITE_DBSTATUS_CACHE_USED, &cache, &hi, 0);
 
     while (i < LSQLITE_COMMIT_NB - 1 && t > lsqlite_commit_le_ns[i]) {
         i++;
@@ -1956,6 +1968,7 @@ commit_stats_add(struct lsqlite_db *db, long jobs, long long ns)
     if (t > cs->max_ns) {
         __atomic_store_n(&cs->max_ns, t, __ATOMIC_RELAXED);
     }
+    __atomic_store_n(&cs->cache_bytes, (long) cache, __ATOMIC_RELAXED);
     __atomic_store_n(&db->cseq, seq + 2, __ATOMIC_RELEASE);
 }
 
@@ -2008,7 +2021,7 @@ batch_commit(struct lsqlite_db *db, struct lsqlite_conn *c,
      * commits without writes and filled the fastest bucket, pulling the
      * commit time's quantiles towards 0 under failing writes. */
     if (jobs > 0) {
-        commit_stats_add(db, jobs, (t1.tv_sec - t0.tv_sec) * 1000000000LL
+        commit_stats_add(db, c->h, jobs, (t1.tv_sec - t0.tv_sec) * 1000000000LL
                                     + (t1.tv_nsec - t0.tv_nsec));
     }
     post_jobs(b->done);
@@ -2704,7 +2717,8 @@ self_pid(void)
  * opts: readers, batch_max, busy_timeout (ms), tx_timeout (ms),
  * synchronous (0..3, default 2 = FULL), checkpoint_pages (the WAL's
  * pages after which a commit copies them into the database: SQLite's
- * wal_autocheckpoint, default 1000).
+ * wal_autocheckpoint, default LSQLITE_CKPT_PAGES), cache_mib (the
+ * writer's page cache, PRAGMA cache_size, default LSQLITE_CACHE_MIB).
  */
 static int
 lsqlite_open(lua_State *L)
@@ -2714,7 +2728,7 @@ lsqlite_open(lua_State *L)
     struct lsqlite_db  *db;
     pthread_t         tid;
     int               i, nreaders, batch_max, busy_ms, tx_ms, sync;
-    int               inline_us, ckpt_pages;
+    int               inline_us, ckpt_pages, cache_mib;
 
     /* Checked first: raising must not leak what is allocated below. */
     gw_store_sql_opts_check(L, 2);   /* both engines' options */
@@ -2731,7 +2745,9 @@ lsqlite_open(lua_State *L)
     inline_us = gw_store_opt_int(L, 2, "sql.open", "inline_reads",
                                  LSQLITE_INLINE_US, 0, 1000000);
     ckpt_pages = gw_store_opt_int(L, 2, "sql.open", "checkpoint_pages",
-                                  1000, 1, 1000000);
+                                  LSQLITE_CKPT_PAGES, 1, 1000000);
+    cache_mib = gw_store_opt_int(L, 2, "sql.open", "cache_mib",
+                                 LSQLITE_CACHE_MIB, 1, 65536);
     pthread_once(&self_pid_once, self_pid_register);
     db = calloc(1, sizeof(*db));
     if (db == NULL) {
@@ -2757,6 +2773,7 @@ lsqlite_open(lua_State *L)
     db->synchronous = sync;
     db->inline_us = inline_us;
     db->ckpt_pages = ckpt_pages;
+    db->cache_mib = cache_mib;
     ud = lua_newuserdata(L, sizeof(*ud));
     ud->db = db;                         /* __gc now owns our reference */
     luaL_getmetatable(L, LSQLITE_MT);
@@ -3453,6 +3470,8 @@ commit_stats_read(struct lsqlite_db *db)
         got.commits = __atomic_load_n(&cs->commits, __ATOMIC_RELAXED);
         got.writes = __atomic_load_n(&cs->writes, __ATOMIC_RELAXED);
         got.max_ns = __atomic_load_n(&cs->max_ns, __ATOMIC_RELAXED);
+        got.cache_bytes = __atomic_load_n(&cs->cache_bytes,
+                                          __ATOMIC_RELAXED);
         for (size_t i = 0; i < LSQLITE_COMMIT_NB; i++) {
             got.n[i] = __atomic_load_n(&cs->n[i], __ATOMIC_RELAXED);
             got.ns[i] = __atomic_load_n(&cs->ns[i], __ATOMIC_RELAXED);
@@ -3469,8 +3488,10 @@ commit_stats_read(struct lsqlite_db *db)
 /* h:stats() -> { commits = n, writes = n, reads_inline = n,
  *   reads_moved = n, reads_reader = n, commit_seconds = s,
  *   commit_seconds_max = s, commit_buckets = { { le = s, count = n,
- *   seconds = s }, ... the last le = math.huge } }: counts so far; the
- *   commit figures of one moment (a commit whole or not at all) */
+ *   seconds = s }, ... the last le = math.huge }, cache_bytes = n }:
+ *   counts so far; the commit figures of one moment (a commit whole or
+ *   not at all); cache_bytes: the writer's page cache after the last
+ *   COMMIT that acknowledged a write (0 before one) */
 static int
 lsqlite_stats(lua_State *L)
 {
@@ -3509,6 +3530,8 @@ lsqlite_stats(lua_State *L)
     lua_setfield(L, -2, "commit_seconds");
     lua_pushnumber(L, (double) st->max_ns / 1e9);
     lua_setfield(L, -2, "commit_seconds_max");
+    lua_pushnumber(L, (lua_Number) st->cache_bytes);
+    lua_setfield(L, -2, "cache_bytes");
     return 1;
 }
 

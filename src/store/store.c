@@ -229,7 +229,7 @@ gw_store_strdup(const char *s)
 const char *const gw_store_sql_opts[] = {
     "retries",                                          /* paygate.sql */
     "readers", "batch_max", "busy_timeout", "tx_timeout", "synchronous",
-    "inline_reads", "checkpoint_pages",
+    "inline_reads", "checkpoint_pages", "cache_mib",
     "pool", "connect_timeout", "query_timeout", "down_for",
     "require_sync", "sync_recheck",
     NULL
@@ -252,6 +252,7 @@ static const struct sql_opt {
     { "synchronous", 'i', 0, 3 },
     { "inline_reads", 'i', 0, 1000000 },
     { "checkpoint_pages", 'i', 1, 1000000 },
+    { "cache_mib", 'i', 1, 65536 },
     { "pool", 'i', 1, GW_STORE_PG_MAX_POOL },
     { "connect_timeout", 'p', 0, 0 },
     { "query_timeout", 'p', 0, 0 },
