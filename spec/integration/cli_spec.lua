@@ -598,6 +598,34 @@ describe("paygate CLI", function()
     os.execute("rm -rf " .. dir)
   end)
 
+  it("exits 1 for a listen or admin address in use or not on this host"
+     .. " (a restart may bind it; a bad one exits 2, above)", function()
+    local s = server.start{ source = "local paygate = require 'paygate'\n"
+      .. "paygate.route('GET', '/', function() return 200, 'hi' end)" }
+    local free = require("paygate.core").free_port()
+    for _, case in ipairs({
+      { { "--listen", "127.0.0.1:" .. s.port, "--admin", "off" }, 1,
+        "paygate: cannot listen on 127.0.0.1:" .. s.port
+        .. ": Address already in use\n" },
+      { { "--listen", "127.0.0.1:" .. free, "--admin",
+          "127.0.0.1:" .. s.admin }, 1,
+        "paygate: admin: cannot listen on 127.0.0.1:" .. s.admin
+        .. ": Address already in use\n" },
+      -- an address of no interface of this host: EADDRNOTAVAIL, as at a
+      -- boot before the interface is up (TEST-NET-1, never assigned)
+      { { "--listen", "192.0.2.1:" .. free, "--admin", "off" }, 1,
+        "paygate: cannot listen on 192.0.2.1:" .. free
+        .. ": Cannot assign requested address\n" },
+    }) do
+      local args = { "run", "examples/hello" }
+      for _, a in ipairs(case[1]) do args[#args + 1] = a end
+      local code, out = run(args, 10)
+      assert.equal(case[2], code, out)
+      assert.equal(case[3], out)
+    end
+    s:stop()
+  end)
+
   it("exits 2, not a Lua panic, for a config whose table has a hostile metatable", function()
     local dir = server.tmpdir()
     local f = assert(io.open(dir .. "/c.lua", "w"))

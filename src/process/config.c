@@ -705,11 +705,13 @@ parse_addr(const char *spec, struct addrinfo **res, char *err, size_t errlen)
 }
 
 int
-gw_listen(const char *spec, int backlog, char *err, size_t errlen)
+gw_listen(const char *spec, int backlog, char *err, size_t errlen,
+          int *transient)
 {
     struct addrinfo *res = NULL;
     int fd = -1, one = 1;
 
+    *transient = 0;
     if (parse_addr(spec, &res, err, errlen) != GW_OK) {
         return -1;
     }
@@ -721,6 +723,7 @@ gw_listen(const char *spec, int backlog, char *err, size_t errlen)
     }
     setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
     if (bind(fd, res->ai_addr, res->ai_addrlen) != 0) {
+        *transient = errno == EADDRINUSE || errno == EADDRNOTAVAIL;
         snprintf(err, errlen, "cannot listen on %s: %s", spec,
                  strerror(errno));
         goto fail;

@@ -82,8 +82,12 @@ void gw_opts_diff(const struct gw_opts *a, const struct gw_opts *b,
                   char *out, size_t outlen);
 
 /* Splits "HOST:PORT" / "[V6]:PORT" / "PORT" and binds a listening socket
- * (non-blocking). Returns the fd, or -1 with a reason in err. */
-int gw_listen(const char *spec, int backlog, char *err, size_t errlen);
+ * (non-blocking). Returns the fd, or -1 with a reason in err; then
+ * *transient is 1 when the address may bind later as it is (in use by
+ * another process, or not yet on this host: an interface still coming
+ * up), 0 when the configuration must change. */
+int gw_listen(const char *spec, int backlog, char *err, size_t errlen,
+              int *transient);
 
 /* Checks that fd, inherited from the master an upgrade replaces, is a
  * listening TCP socket bound to spec's address (any port for a spec on

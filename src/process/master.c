@@ -2058,7 +2058,7 @@ gw_master_main(struct gw_opts *o, const struct gw_opts *file,
 {
     char err[512];
     struct event *hup, *term, *intr, *chld, *usr2;
-    int code = 0;
+    int code = 0, transient = 0;
 
     memset(&m, 0, sizeof(m));
     m.o = o;
@@ -2123,11 +2123,15 @@ gw_master_main(struct gw_opts *o, const struct gw_opts *file,
         }
         m.listen_fd = up.listen_fd;
     } else {
-        m.listen_fd = gw_listen(o->listen, 4096, err, sizeof(err));
+        m.listen_fd = gw_listen(o->listen, 4096, err, sizeof(err),
+                                &transient);
     }
     if (m.listen_fd < 0) {
+        /* exit 1 for an address that may bind later as it is (a service
+         * manager's restart can succeed), 2 for one the config must
+         * change (systemd's unit does not restart on 2) */
         fprintf(stderr, "paygate: %s\n", err);
-        return 2;
+        return transient ? 1 : 2;
     }
     if (o->admin[0] == '\0') {
         /* an empty value is no address, nor a clear "off" (it turned
@@ -2151,10 +2155,10 @@ gw_master_main(struct gw_opts *o, const struct gw_opts *file,
         }
         m.admin_fd = up.admin_fd;
     } else if (strcmp(o->admin, "off") != 0) {
-        m.admin_fd = gw_listen(o->admin, 64, err, sizeof(err));
+        m.admin_fd = gw_listen(o->admin, 64, err, sizeof(err), &transient);
         if (m.admin_fd < 0) {
             fprintf(stderr, "paygate: admin: %s\n", err);
-            return 2;
+            return transient ? 1 : 2;
         }
     }
     if (gw_metrics_init(MAX_WORKERS) != GW_OK
