@@ -785,7 +785,7 @@ print("SENT " + json.dumps(sent))
         idempotency_key = h["idempotency-key"] })
       assert.equal(key.app_id, app_id, tostring(err))
     end
-    assert.equal("/v1/payments/pay_x?expand=attempts",
+    assert.equal("/v1/payments/pay_x?refresh=1",
                  (sent[2].url:gsub("^https?://[^/]+", "")))
     assert.truthy(sent[1].headers["Idempotency-key"])
   end)

@@ -13,6 +13,7 @@ local events = require "gw.events"
 local apply = require "gw.apply"
 local reconcile = require "paygate.reconcile"
 local metrics = require "paygate.metrics"
+local suggest = require "paygate.suggest"
 
 local type, tostring, ipairs, pairs, floor = type, tostring, ipairs, pairs,
       math.floor
@@ -1324,19 +1325,26 @@ end
 
 --- syntax: asked, status, body = payments.refresh_asked(req)
 -- The ?refresh of a GET (the payment's, the refunds'): true for
--- refresh=1, false without it, else nil and the 400 to answer.
+-- refresh=1, false without it, else nil and the 400 to answer, which
+-- also names each other parameter (they take no other).
+local QUERY_PARAMS = { refresh = true }
 function _M.refresh_asked(req)
   -- (refresh=yes, =true or =0 would otherwise answer local state with no
-  -- word that nothing was asked)
+  -- word that nothing was asked; so would a misspelt ?refersh=1)
   local q, given = req:query()
+  local bad = {}
+  unknown_fields(q, QUERY_PARAMS, bad)
+  for k in pairs(bad) do
+    bad[k] = "unknown parameter" .. suggest.hint(k, QUERY_PARAMS)
+  end
   -- (given twice, the last would count: refresh=0&refresh=1 asking WeChat
   -- and refresh=1&refresh=0 refused)
   if (given.refresh or 0) > 1 then
-    return nil, bad_request({ refresh = "given more than once" })
+    bad.refresh = "given more than once"
+  elseif q.refresh ~= nil and q.refresh ~= "1" then
+    bad.refresh = "must be 1 (or left out)"
   end
-  if q.refresh ~= nil and q.refresh ~= "1" then
-    return nil, bad_request({ refresh = "must be 1 (or left out)" })
-  end
+  if next(bad) then return nil, bad_request(bad) end
   return q.refresh == "1"
 end
 

@@ -499,7 +499,38 @@ describe("gateway hostile input", function()
       refused(res, 400, "invalid_request", "refresh")
       assert.equal("given more than once", res.json.fields.refresh, q)
     end
-    assert.equal("paying", gw:get(p.id, "?refresh=1&x=1&x=2").state)
+  end)
+
+  it("refuses a query parameter the GET routes do not take", function()
+    -- was: ignored, so ?refersh=1 (or ?Refresh=1) answered the local state
+    -- as if refresh had not been asked, with no word that it was not
+    local p = gw:create{ amount = 100 }
+    sim:pay(p.out_trade_no)
+    gw:wait_state(p.id, "paid")
+    local r = gw:call("POST", "/v1/payments/" .. p.id .. "/refunds",
+                      { amount = 1, reason = "r" })
+    assert.equal(201, r.status, r.body)
+    local paths = { "/v1/payments/" .. p.id,
+                    "/v1/payments/" .. p.id .. "/refunds",
+                    "/v1/refunds/" .. r.json.id }
+    for _, path in ipairs(paths) do
+      for _, c in ipairs{ { "refersh=1", "refersh", "refresh" },
+                          { "Refresh=1", "Refresh", "refresh" },
+                          { "expand=attempts", "expand" },
+                          { "refresh=1&x=1&x=2", "x" } } do
+        local res = gw:call("GET", path .. "?" .. c[1])
+        refused(res, 400, "invalid_request", c[2])
+        assert.equal("unknown parameter" .. (c[3] and " (did you mean "
+                     .. c[3] .. "?)" or ""), res.json.fields[c[2]],
+                     path .. "?" .. c[1])
+      end
+      -- both wrongs at once: both named
+      local res = gw:call("GET", path .. "?refresh=yes&x=1")
+      refused(res, 400, "invalid_request", "refresh")
+      assert.equal("unknown parameter", res.json.fields.x, res.body)
+      assert.equal(200, gw:call("GET", path .. "?refresh=1").status)
+      assert.equal(200, gw:call("GET", path).status)
+    end
   end)
 
   it("answers odd payment ids in the path with 400 or 404", function()
