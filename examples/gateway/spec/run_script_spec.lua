@@ -68,6 +68,32 @@ describe("scripts/run", function()
     assert.matches("unknown option", out)
   end)
 
+  it("refuses a port in use, naming the option that moves it", function()
+    -- was: "port N is in use (see --help for other ports)": which of the
+    -- three ports, and so which option, was left to guess
+    local busy = testing.start_app{ app = "examples/hello" }
+    local free = { core.free_port(), core.free_port() }
+    for _, c in ipairs{
+        { { "--port", busy.port, "--sim-port", free[1], "--admin-port",
+            free[2] }, "the gateway's", "--port" },
+        { { "--port", free[1], "--sim-port", busy.port, "--admin-port",
+            free[2] }, "the simulator's", "--sim-port" },
+        { { "--port", free[1], "--sim-port", free[2], "--admin-port",
+            busy.port }, "the gateway's admin listener's",
+          "--admin-port" } } do
+      local argv = { "env", "PAYGATE_RUN_NO_BUILD=1",
+                     "PAYGATE_BIN=" .. testing.server.bin(),
+                     "PAYGATE_DEV_DIR=" .. dir .. "/busy", "scripts/run" }
+      for _, a in ipairs(c[1]) do argv[#argv + 1] = tostring(a) end
+      local code, out = proc.run(argv)
+      assert.equal(1, code, out)
+      assert.equal(("scripts/run: port %d, %s, is in use: give another"
+                    .. " with %s N (scripts/run --help)\n")
+                   :format(busy.port, c[2], c[3]), out)
+    end
+    busy:stop()
+  end)
+
   it("prints a walk-through that ends paid, and Ctrl-C stops both",
      function()
     local p, out, lines = launch()
