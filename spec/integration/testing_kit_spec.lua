@@ -172,6 +172,25 @@ if not d:add("first", true) then require("paygate.core").sleep(60) end]] })
                    true)
   end)
 
+  -- was: o.args = { "--admin", "off" } started the app, and start_app,
+  -- waiting on the /healthz of the admin port it had picked, raised 15 s
+  -- later "timed out waiting for paygate to serve" over a log that said
+  -- serving; a --listen there moved the app off srv:url()
+  it("refuses in o.args the options the kit sets itself", function()
+    for _, args in ipairs{ { "--admin", "off" }, { "--admin=off" },
+                           { "--workers", "1", "--listen", "127.0.0.1:1" },
+                           { "--pid-file", "/tmp/x.pid" } } do
+      local name = args[#args]:match("^%-%-[%w-]+")
+                   or args[#args - 1]
+      local ok, err = pcall(testing.start_app, { app = "examples/hello",
+                                                 args = args })
+      assert.is_false(ok)
+      assert.matches("testing.start_app: o.args gives " .. name
+                     .. ", which the kit sets itself", err, 1, true)
+      assert.not_matches("timed out", err, 1, true)
+    end
+  end)
+
   it("serves an app with a config made from its own port", function()
     local srv = testing.start_app{
       source = [[

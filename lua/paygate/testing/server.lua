@@ -183,7 +183,8 @@ end
 --- syntax: srv = server.start(o)
 -- o: app (a directory) or source (app.lua's text); config (a table, a
 -- function(srv) returning one — srv.port and srv:url() are known by then —
--- or Lua source); workers (1); args (more CLI arguments); port; scheme
+-- or Lua source); workers (1); args (more CLI arguments, not the
+-- kit's own --listen, --admin, --pid-file: raises); port; scheme
 -- ("http"); ca_file; wait (default true: until /healthz answers 200 with
 -- every worker serving -- o.workers, or a --workers in o.args, the last
 -- one given, as `paygate run` reads them); timeout (15 s for it); bin.
@@ -208,6 +209,18 @@ function _M.start(o)
               .. tostring(here) .. " (run busted from the folder that "
               .. "holds it, or give an absolute path)"
               or " (an app is a folder with an app.lua)"), 2)
+  end
+  -- the kit's own flags: a later one in o.args would win, and the kit
+  -- then waits on an admin port nobody serves (until its timeout, over a
+  -- log that says serving), or srv:url() names a port nobody listens on
+  for _, a in ipairs(o.args or {}) do
+    local flag = type(a) == "string" and a:match("^%-%-[%w-]+")
+    if flag == "--listen" or flag == "--admin" or flag == "--pid-file" then
+      error("testing.start_app: o.args gives " .. flag .. ", which the kit"
+            .. " sets itself: --listen (o.port for its port), --admin (it"
+            .. " waits on /healthz there) and --pid-file (srv:reload());"
+            .. " leave it out", 2)
+    end
   end
   local dir = _M.tmpdir()
   local app = o.app
