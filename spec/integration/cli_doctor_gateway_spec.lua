@@ -99,6 +99,13 @@ describe("paygate doctor --config <the gateway's config>", function()
       end
     end
     assert.is_true(probed, out)
+    -- base_url on loopback where nothing listens (was: "check the firewall
+    -- and proxy (outbound 443)", for a plain-HTTP simulator's port 9)
+    assert.equal("fail", r.reachability.status, out)
+    assert.equal("nothing listens on 127.0.0.1:9: start the server base_url"
+                 .. " names (the simulator: scripts/run, or paygate run"
+                 .. " examples/simulator), or correct base_url",
+                 r.reachability.fix)
   end)
 
   if require("spec.support.servers").have_redis() then

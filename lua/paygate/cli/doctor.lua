@@ -990,11 +990,18 @@ local function check_api(out, wc, conf, now, expiring)
     connect_timeout = 5 }
   local took = core.mono() - t0
   if not res then
+    -- (a refused connection on loopback is a server not started, as the
+    -- simulator of scripts/run once stopped: no firewall in between)
+    local connect_fix = require("paygate.addr").loopback_host(host)
+      and ("nothing listens on %s:%d: start the server base_url names (the"
+           .. " simulator: scripts/run, or paygate run examples/simulator),"
+           .. " or correct base_url"):format(host, port)
+      or ("check the firewall and proxy (outbound TCP %d)"):format(port)
     out:fail("reachability", base .. ": " .. tostring(err), err.kind == "dns"
       and "the name does not resolve" or err.kind == "tls"
       and "the TLS handshake failed (see tls_chain)" or nil,
       err.kind == "dns" and "check DNS / base_url" or err.kind == "connect"
-      and "check the firewall and proxy (outbound 443)" or nil)
+      and connect_fix or nil)
     return
   end
   out:ok("reachability", ("%s answers (HTTP %d in %d ms)"):format(base,
