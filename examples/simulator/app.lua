@@ -107,7 +107,7 @@ orders.init(ctx)
 orders.routes(ctx)
 bills.routes(ctx)
 require("sim.media").routes(ctx)
-api.catch_all()                   -- after every /v3 route
+api.refusals()                    -- the runtime's /v3 404, 405, 400 bad_path
 if cfg.control then
   control.routes(ctx)
   if notify.routes then notify.routes(ctx) end

@@ -100,6 +100,39 @@ describe("simulator review nits", function()
     assert.truthy(res.headers["request-id"])
   end)
 
+  -- The runtime refuses these before any handler: a method no route of
+  -- the path has (TRACE, a made-up one) and a path parameter holding a
+  -- dot-segment once percent-decoded. They got the runtime's own body
+  -- ({"error","message"}) and no Request-ID.
+  it("the runtime's refusals under /v3: WeChat's shape with a Request-ID",
+     function()
+    for _, m in ipairs({ "TRACE", "BREW" }) do
+      local res = sn.signed(sim, m, "/v3/certificates")
+      assert.equal(405, res.status, m)
+      local doc = json.decode(res.body)
+      assert.equal("METHOD_NOT_ALLOWED", doc and doc.code, res.body)
+      assert.truthy(doc.message:find(m, 1, true), doc.message)
+      assert.is_nil(doc.error)
+      assert.matches("^%x+%-%d+$", res.headers["request-id"] or "")
+      assert.equal("application/json; charset=utf-8",
+                   res.headers["content-type"])
+      -- (the runtime's Allow stays: RFC 9110 asks it of a 405)
+      assert.truthy((res.headers["allow"] or ""):find("GET", 1, true))
+    end
+    local res = sn.signed(sim, "GET",
+                          "/v3/refund/domestic/refunds/..%2f..%2fx")
+    assert.equal(400, res.status)
+    local doc = json.decode(res.body)
+    assert.equal("PARAM_ERROR", doc and doc.code, res.body)
+    assert.equal("uri_template", doc.detail.location)
+    assert.is_nil(doc.error)
+    assert.matches("^%x+%-268435461$", res.headers["request-id"] or "")
+    -- the control API is no WeChat answer: the runtime's own, as before
+    local st, body = sn.ctl(sim, "GET", "/sim/no/such/thing")
+    assert.equal(404, st)
+    assert.equal("not_found", type(body) == "table" and body.error, body)
+  end)
+
   it("a bill query's PARAM_ERROR names /query/bill_date", function()
     local res = sn.signed(sim, "GET", "/v3/bill/tradebill?bill_date=2026-13-01")
     assert.equal(400, res.status)

@@ -374,13 +374,9 @@ end
 -- nil for none)[, headers]; or nil, api.err(...). opts.raw: the success
 -- answer is sent unsigned (bill files); opts.json = false: a POST body is
 -- not decoded.
-local ROUTES = {}                   -- { method, Lua pattern } of every route
-
 function _M.route(method, pattern, endpoint, fn, opts)
   opts = opts or {}
   faults.endpoint(endpoint, opts.raw)
-  ROUTES[#ROUTES + 1] = { method, "^" .. pattern:gsub("%-", "%%-")
-                                            :gsub(":[%w_]+", "[^/]+") .. "$" }
   paygate.route(method, pattern, function(req)
     -- the signature is over the target as sent (dot-segments and all;
     -- an absolute-form target's path and query)
@@ -532,26 +528,51 @@ function _M.handle(req, target, endpoint, fn, opts, entry)
   return status, body, out
 end
 
---- syntax: api.catch_all() -- after every /v3 route is registered
--- Any other /v3 path or method is answered in WeChat's error shape (with
--- a Request-ID, unsigned): 405 METHOD_NOT_ALLOWED for a path known with
--- another method, else 404 NOT_FOUND. Both are this simulator's choice.
-function _M.catch_all()
-  local function answer(req)
-    for _, r in ipairs(ROUTES) do
-      if r[1] ~= req.method and req.path:find(r[2]) then
-        return error_answer(err(405, "METHOD_NOT_ALLOWED",
-          "请求方法不被允许：" .. req.method))
-      end
+-- The codes of the runtime's own refusals under /v3, by status: a path
+-- no route serves (404), a method its path has no route for (405, any
+-- method: TRACE, a made-up one), a path parameter the runtime refuses
+-- before any handler (400 bad_path: a dot-segment or a NUL once
+-- percent-decoded). Each is this simulator's choice (WeChat's answers to
+-- them are not known), in the shape of its other errors.
+local REFUSED = {
+  [404] = { "NOT_FOUND", "请求的资源不存在" },
+  [405] = { "METHOD_NOT_ALLOWED", "请求方法不被允许：" },
+  [400] = { "PARAM_ERROR", "请求路径中的参数不合法" },
+}
+
+--- syntax: api.refusals() -- once, at the start
+-- An after hook: an answer under /v3 that the simulator did not make (it
+-- has no Request-ID: the runtime's own 404, 405 and bad_path 400, whose
+-- body is { error, message }) is answered in WeChat's error shape with a
+-- Request-ID and WeChat's Date, unsigned; the runtime's Allow of a 405
+-- stays. Refusals made before the app is reached (a body over
+-- limits.body_bytes, a head too large or malformed, a timeout) never
+-- come here: docs/simulator.md lists them.
+function _M.refusals()
+  paygate.after(function(req, res)
+    local st, h = res.status, res.headers
+    if type(st) ~= "number" or st < 400 or h["Request-ID"] ~= nil then
+      return
     end
-    return error_answer(err(404, "NOT_FOUND", "请求的资源不存在"))
-  end
-  -- (OPTIONS too: it got the runtime's own 405 body, without WeChat's
-  -- shape or a Request-ID)
-  for _, m in ipairs({ "GET", "POST", "PUT", "PATCH", "DELETE",
-                       "OPTIONS" }) do
-    paygate.route(m, "/v3/*rest", answer)
-  end
+    local p = req.path
+    if p ~= "/v3" and p:sub(1, 4) ~= "/v3/" then return end
+    local r = REFUSED[st]
+    local e
+    if st == 405 then
+      e = err(405, r[1], r[2] .. shown(req.method, 32))
+    elseif r then
+      local why = json.decode(type(res.body) == "string" and res.body or "")
+      e = err(st, r[1], r[2], st == 400 and { location = "uri_template",
+        issue = type(why) == "table" and shown(why.message, 200) or nil }
+        or nil)
+    else
+      e = err(st, st >= 500 and "SYSTEM_ERROR" or "INVALID_REQUEST",
+              st >= 500 and "系统繁忙,请稍后重试" or "请求被拒绝")
+    end
+    local status, body, headers = error_answer(e)
+    for k, v in pairs(headers) do h[k] = v end
+    res.status, res.body = status, body
+  end)
 end
 
 --- syntax: api.init(cfg) -- once per worker, before routes serve
