@@ -172,6 +172,47 @@ describe("simulator: clock_offset moves every time WeChat judges or writes",
   end)
 end)
 
+-- The expired_certificate fault's certificate is WeChat's: it expires
+-- expires_in seconds after the fault on WeChat's clock, and WeChat lists
+-- it while its own clock says it is valid. Before, it was dated and judged
+-- on the host's clock: WeChat 90 s ahead signed its answers with a
+-- certificate its own clock (the answer's Wechatpay-Timestamp) had seen
+-- expire 60 s before, and /v3/certificates listed it all the same.
+describe("simulator: clock_offset and the expired_certificate fault",
+         function()
+  after_each(function() sc.control(base, "DELETE", "/sim/faults") end)
+
+  it("dates its certificate on WeChat's clock: the answers it signs are"
+     .. " within its validity", function()
+    local before = os.time()
+    local f = sc.control(base, "POST", "/sim/faults", { endpoint =
+      "certificates", kind = "expired_certificate", expires_in = 30,
+      count = 1 })
+    local after = os.time()
+    assert.equal(200, f.status, f.body)
+    f = f.json
+    assert.is_true(f.not_after >= before + OFFSET + 30 - 1
+                   and f.not_after <= after + OFFSET + 30 + 1,
+      ("not_after %d is %d s off the host's clock, not %d"):format(
+        f.not_after, f.not_after - after, OFFSET + 30))
+    local res = c:call("GET", "/v3/certificates")
+    assert.equal(200, res.status, res.body)
+    assert.equal(f.serial, res.headers["wechatpay-serial"])
+    local ts = tonumber(res.headers["wechatpay-timestamp"])
+    assert.is_true(ts < f.not_after, ("signed at %d, past its notAfter %d")
+                                     :format(ts, f.not_after))
+    local listed
+    for _, d in ipairs(res.json.data) do
+      if d.serial_no == f.serial then listed = d end
+    end
+    assert.truthy(listed, "the fault's certificate is listed")
+    assert.equal(f.not_after, civil.epoch(listed.expire_time))
+    -- valid from the start on the host's clock too (a client behind
+    -- WeChat's takes it)
+    assert.is_true(civil.epoch(listed.effective_time) <= before)
+  end)
+end)
+
 -- A WeChat a day ahead: its Beijing day is the host's tomorrow, the day
 -- its payments are made on and its bills are of.
 describe("simulator: clock_offset of a day", function()

@@ -31,9 +31,8 @@ function _M.routes(ctx)
     local want = cfg.sm and "SM2" or "RSA"
     local data = {}
     if at == nil and want == "RSA" or at == want or at == "ALL" then
-      -- (on the host's clock, as sim.identity picks the certificate that
-      -- signs: openssl dates them on it; c.now is WeChat's, sim.clock)
-      for _, cert in ipairs(identity.certificates()) do
+      -- (those not expired on WeChat's clock, c.now)
+      for _, cert in ipairs(identity.certificates(c.now)) do
         data[#data + 1] = {
           serial_no = cert.serial,
           effective_time = rfc3339(cert.not_before),

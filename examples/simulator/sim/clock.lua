@@ -5,10 +5,12 @@
 -- timestamp, a merchant certificate's expiry, an order's time_expire,
 -- what a prepay handed out (prepay_ttl) and a refund's year, writes
 -- success_time, create_time, close and refund times and a notification's
--- create_time, and names the bills' Beijing day. The host's own time
--- (core.time()) stays for what is the simulator's and not WeChat's: the
--- notification schedule, the request log, its platform certificates'
--- dates (openssl makes them on the host's clock).
+-- create_time, names the bills' Beijing day, judges whether a platform
+-- certificate has expired and dates the expired_certificate fault's. The
+-- host's own time (core.time()) stays for what is the simulator's and not
+-- WeChat's: the notification schedule, the request log, the dates of the
+-- platform certificates it makes (openssl starts them on the host's
+-- clock) and which one signs.
 local core = require "paygate.core"
 
 local _M = {}

@@ -360,11 +360,12 @@ function _M.current(now)
 end
 
 --- syntax: list = identity.certificates([now])
--- Every platform certificate not expired, in use or coming (oldest
+-- Every platform certificate not expired at now (default: WeChat's clock,
+-- sim.clock, as WeChat judges its own), in use or coming (oldest
 -- first): { serial, key, cert, pem, not_before, not_after, use_from }.
 function _M.certificates(now)
   fresh()
-  now = now or core.time()
+  now = now or clock.now()
   local out = {}
   for _, c in ipairs(S.certs) do
     if c.not_after > now then out[#out + 1] = c end
@@ -403,18 +404,23 @@ function _M.rotate(delay)
 end
 
 --- syntax: c, err = identity.expiring(expires_in)
--- A platform certificate for the expired_certificate fault, valid from a
--- minute ago until expires_in seconds from now. It is kept beside the
--- others, so /v3/certificates lists it while it is valid and a client
--- takes it as it takes any of WeChat's. It is never in use (its use_from
--- is its notAfter): only the fault signs with it, so a client that took
--- it holds a certificate that expires under it, which is what its
--- cert_expired is about.
+-- A platform certificate for the expired_certificate fault, valid until
+-- expires_in seconds from now on WeChat's clock (sim.clock: it expires
+-- when WeChat's clock says so, as the Wechatpay-Timestamp of the answers
+-- it signs tells), from a minute before the earlier of WeChat's clock and
+-- the host's (valid from the start on both: a client on the host's clock
+-- behind WeChat's would otherwise find it not yet valid). It is kept
+-- beside the others, so /v3/certificates lists it while it is valid and a
+-- client takes it as it takes any of WeChat's. It is never in use (its
+-- use_from is its notAfter): only the fault signs with it, so a client
+-- that took it holds a certificate that expires under it, which is what
+-- its cert_expired is about.
 function _M.expiring(expires_in)
-  local now = core.time()
+  local host = core.time()
+  local now = clock.now(host)
   local to = math.ceil(now + expires_in)
   local kp, cp, err = generate(algo(), new_serial(),
-                               { math.floor(now) - 60, to })
+                               { math.floor(math.min(now, host)) - 60, to })
   if not kp then return nil, err end
   return add_cert(kp, cp, to)
 end
@@ -453,8 +459,10 @@ local function choose(mode, request_serial, now, notification)
     end
   end
   if type(request_serial) == "string" then
+    -- (begun on the host's clock, where openssl starts a fresh one;
+    -- not expired on WeChat's, as its list judges it)
     local c = S.by_serial[request_serial:upper()]
-    if c and c.not_before <= now and c.not_after > now then
+    if c and c.not_before <= now and c.not_after > clock.now(now) then
       return c.serial, c.key
     end
   end
@@ -536,7 +544,7 @@ function _M.known_serial(serial, mode)
   end
   if mode == "public_key" then return false end
   local c = S.by_serial[serial:upper()]
-  if c and c.not_after > core.time() then return true, c end
+  if c and c.not_after > clock.now() then return true, c end
   return false
 end
 
