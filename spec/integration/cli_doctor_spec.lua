@@ -151,6 +151,65 @@ describe("paygate doctor: the TLS chain to the API host", function()
   end
 end)
 
+-- cert_expiry lists each certificate the API host sends, whether the
+-- chain verifies or not: an expired leaf fails tls_chain, and cert_expiry
+-- is where its date is read (it was listed only when the chain verified,
+-- so an expired one showed under tls_chain alone)
+describe("paygate doctor's cert_expiry of the API host's certificates",
+         function()
+  local x509 = require "paygate.x509"
+
+  local function expiry_lines(r)
+    local l = {}
+    for _, x in ipairs(r) do
+      if x.kind == "cert_expiry" and x.cause:find("of localhost", 1, true)
+      then
+        l[#l + 1] = x
+      end
+    end
+    return l
+  end
+
+  local function ends(name)
+    local c = assert(x509.load(diagpki.read(pki[name])))
+    return os.date("!%Y-%m-%d %H:%M UTC", c:not_after()), c:serial()
+  end
+
+  for _, c in ipairs({
+    { "an expired leaf (the chain fails for it)", "expired", "fail",
+      "expired 1 day" },
+    { "a leaf expiring within 30 days (the chain verifies)", "good", "warn",
+      "expires in 2 days" },
+  }) do
+    it("names " .. c[1] .. " and its intermediate", function()
+      local s = tls_server(pki[c[2] .. "_chain"], pki[c[2] .. "_key"])
+      local code, out, r = run({ "doctor", "--json", "--config", config{
+        base_url = "https://localhost:" .. s.port } })
+      s:stop()
+      assert.equal(c[3] == "fail" and "fail" or "ok", r.tls_chain.status,
+                   out)
+      local l = expiry_lines(r)
+      assert.equal(2, #l, out)
+      -- the leaf: its subject, serial, days and end date
+      local at, serial = ends(c[2])
+      assert.equal(c[3], l[1].status, out)
+      -- (days rounded down: "1 day 2 h" once the spec has run for hours)
+      local head = "TLS certificate of localhost (CN=localhost) " .. serial
+                   .. " " .. c[4]
+      assert.equal(head, l[1].cause:sub(1, #head), out)
+      assert.equal(", on " .. at, l[1].cause:sub(-#at - 5), out)
+      assert.matches("install", l[1].fix, 1, true)
+      -- the intermediate the host sends (3 days)
+      at, serial = ends("inter")
+      assert.equal("warn", l[2].status, out)
+      assert.equal("TLS intermediate of localhost (CN=diag-intermediate) "
+                   .. serial .. " expires in 2 days, on " .. at, l[2].cause,
+                   out)
+      if c[3] == "fail" then assert.equal(1, code, out) end
+    end)
+  end
+end)
+
 describe("paygate doctor", function()
   it("names a clock off against the API host's Date", function()
     local port = core.free_port()

@@ -46,7 +46,9 @@ signed timestamp on that answer (warn from 60 s off), the notify URL
 reachable, refusing an unsigned probe and answering within WeChat's 5 s,
 the server's timeouts (request, header, body) against that window, the
 database and Redis, lease TTLs against the measured processing time,
-certificates expiring within 30 days, the client's state_dir (writable:
+certificates expiring within 30 days (the merchant's, the platform's and
+each one the API host sends, by its subject, even when the chain fails;
+each with its serial, days and end date), the client's state_dir (writable:
 a probe file written and removed; the certificates it keeps for the
 merchant, and how old the file is), the HTTPS listener's certificate and
 key (the config's tls section and, in the gateway's, the set
@@ -966,11 +968,19 @@ local function check_api(out, wc, conf, now, expiring)
       local ok, err = x509.verify_chain(chain[1], { roots = roots,
         intermediates = inter, hostname = host, purpose = "server",
         crls = crls, at = now })
+      -- cert_expiry: each certificate the host sends, whether the chain
+      -- verifies or not (an expired one fails it, and cert_expiry is where
+      -- an operator looks for that one's date)
+      for i, c in ipairs(chain) do
+        expiring[#expiring + 1] = { ("TLS %s of %s (%s)"):format(i == 1
+          and "certificate" or "intermediate", host, c:subject()), c,
+          "the server must install its next certificate before then",
+          CHAIN.expired[2] }
+      end
       if ok then
         out:ok("tls_chain", host .. " sends a valid chain (" .. #chain
                .. " certificate" .. (#chain > 1 and "s" or "") .. ", leaf "
                .. chain[1]:subject() .. ")")
-        expiring[#expiring + 1] = { "TLS certificate of " .. host, chain[1] }
       else
         local c = CHAIN[err.kind] or { "the chain does not verify", nil }
         out:result{ status = "fail", kind = "tls_chain", x509_kind = err.kind,
@@ -1899,19 +1909,25 @@ local function check_leases(out, conf, metrics)
   end
 end
 
+-- cert_expiry: one line per certificate listed, its days and end date.
+-- An entry: { what, certificate, the fix when it ends within 30 days
+-- (default: renew it), the fix once it has ended (default: renew or
+-- download it) }.
 local function check_expiry(out, expiring, now)
   for _, e in ipairs(expiring) do
     local c = e[2]
     local left = (c:not_after() - now) / DAY
     local d = common.days(left * DAY)
+    local at = os.date("!%Y-%m-%d %H:%M UTC", c:not_after())
     if left < 0 then
-      out:fail("cert_expiry", ("%s %s expired %s ago"):format(e[1],
-               c:serial(), d), nil, "renew or download it")
+      out:fail("cert_expiry", ("%s %s expired %s ago, on %s"):format(e[1],
+               c:serial(), d, at), nil, e[4] or "renew or download it")
     elseif left < 30 then
-      out:warn("cert_expiry", ("%s %s expires in %s"):format(e[1],
-               c:serial(), d), nil, e[3] or "renew it before then")
+      out:warn("cert_expiry", ("%s %s expires in %s, on %s"):format(e[1],
+               c:serial(), d, at), nil, e[3] or "renew it before then")
     else
-      out:ok("cert_expiry", ("%s %s: %s left"):format(e[1], c:serial(), d))
+      out:ok("cert_expiry", ("%s %s: %s left, until %s"):format(e[1],
+             c:serial(), d, at))
     end
   end
 end
