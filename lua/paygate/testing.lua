@@ -159,6 +159,17 @@ local APP_OPTIONS = { app = true, source = true, config = true,
   workers = true, args = true, port = true, wait = true, timeout = true,
   scheme = true, ca_file = true, bin = true, watchdog = true }
 
+-- server.start's errors name no line (its caller is pcall). Raised again
+-- at level (counted from start's caller, as error's), they name the
+-- spec's: start_app's caller, or testing.simulator's (it named this file's
+-- line: "testing.lua:316: timed out waiting for paygate to serve ...").
+local function start(o, level)
+  local ok, srv = pcall(server.start, o)
+  if not ok then error(srv, level + 1) end
+  started[#started + 1] = srv
+  return srv
+end
+
 --- syntax: srv = testing.start_app(o)
 -- Starts `paygate run o.app` on a free loopback port (o as for
 -- paygate.testing.server.start: app | source, config (a table, or a
@@ -172,11 +183,7 @@ local APP_OPTIONS = { app = true, source = true, config = true,
 -- srv:stop()).
 function _M.start_app(o)
   check_options("testing.start_app", o, APP_OPTIONS)
-  -- server.start's errors name its caller: this line. Raised again here,
-  -- they name the spec's.
-  local ok, srv = pcall(server.start, o)
-  if not ok then error(srv, 2) end
-  started[#started + 1] = srv
+  local srv = start(o, 2)   -- (no tail call: it would drop this frame)
   return srv
 end
 
@@ -313,7 +320,7 @@ function _M.simulator(o)
   if partner then
     list[#list + 1] = sim_merchant_conf(partner)
   end
-  sim.srv = _M.start_app{
+  sim.srv = start({
     app = o.app or simulator_dir(), workers = o.workers or 1,
     args = { "--log-level", o.log_level or "warn" }, timeout = o.timeout,
     config = function(srv)
@@ -327,7 +334,7 @@ function _M.simulator(o)
       assert(core.mkdir_p(c.state_dir))
       return c
     end,
-  }
+  }, 2)
   sims[#sims + 1] = sim
   sim.url = sim.srv:url("")
   sim.dir = sim.srv.dir

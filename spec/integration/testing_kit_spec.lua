@@ -153,6 +153,25 @@ if not d:add("first", true) then require("paygate.core").sleep(60) end]] })
                    .. "no/such/app/app.lua not found", err)
   end)
 
+  -- testing.simulator's start named the kit's own line ("testing.lua:316:
+  -- timed out waiting for paygate to serve ..."), where start_app's errors
+  -- name the spec's
+  it("names the spec's line when the app or the simulator does not serve "
+     .. "in time", function()
+    local ok, err = pcall(function()
+      testing.start_app{ source = "os.execute('sleep 3')", timeout = 0.3 }
+    end)
+    assert.is_false(ok)
+    assert.matches("^[^\n]*testing_kit_spec%.lua:%d+: timed out waiting "
+                   .. "for paygate to serve /%S+", err)
+    ok, err = pcall(function()
+      testing.simulator{ timeout = 0.001 }
+    end)
+    assert.is_false(ok)
+    assert.matches("^[^\n]*testing_kit_spec%.lua:%d+: timed out waiting "
+                   .. "for paygate to serve /%S+simulator", err)
+  end)
+
   -- o.app is taken from the current directory (busted's), not the spec
   -- file's folder: run from another folder, the message said only
   -- "myapp/app.lua not found", and the reader looked for it in vain
