@@ -180,6 +180,49 @@ describe("simulator review nits", function()
   end)
 end)
 
+-- A /v3 handler that raises (here: the state database lost the orders
+-- table under the running simulator) got the runtime's 500
+-- {"error": "internal"}: no Request-ID, not WeChat's shape, and no entry
+-- in GET /sim/requests.
+describe("simulator: a handler that raises", function()
+  it("answers 500 SYSTEM_ERROR with a Request-ID, logged once", function()
+    local sql = require "paygate.sql"
+    local sim = sn.start{}
+    finally(function() sim:stop() end)
+    local no = order_no()
+    sn.prepay(sim, no, "https://merchant.example/n")
+    local db = assert(sql.open("sqlite:" .. sim.state_dir .. "/simulator.db"))
+    assert(db:exec("ALTER TABLE sim_orders RENAME TO sim_orders_gone"))
+    db:close()
+    local res = sn.signed(sim, "GET", "/v3/pay/transactions/out-trade-no/"
+                          .. no .. "?mchid=" .. sn.MCHID)
+    assert.equal(500, res.status, res.body)
+    local doc = json.decode(res.body)
+    assert.equal("SYSTEM_ERROR", doc and doc.code, res.body)
+    assert.equal("系统繁忙,请稍后重试", doc.message)
+    assert.is_nil(doc.error)
+    local rid = res.headers["request-id"] or ""
+    assert.matches("^%x+%-268435456$", rid)
+    assert.equal("application/json; charset=utf-8",
+                 res.headers["content-type"])
+    -- the log has it once, with its traceback and the Request-ID answered
+    local log = sn.wait_until(function()
+      local l = sim:logs()
+      return l:find(rid, 1, true) and l
+    end, 10, "the failure in the log")
+    local _, tracebacks = log:gsub("stack traceback", "")
+    assert.equal(1, tracebacks, log)
+    assert.truthy(log:find("no such table: sim_orders", 1, true), log)
+    -- and the request is listed, as every /v3 request is
+    local st, reqs = sn.ctl(sim, "GET", "/sim/requests")
+    assert.equal(200, st)
+    local last = reqs[#reqs]
+    assert.equal("query", last.endpoint)
+    assert.equal(500, last.status)
+    assert.equal("SYSTEM_ERROR", last.code)
+  end)
+end)
+
 describe("simulator config: merchants", function()
   it("given as a table that is not an array: 'must be an array'", function()
     local server = require "support.server"

@@ -369,6 +369,23 @@ local function error_answer(e, rid_suffix)
   }
 end
 
+-- A handler's failure that is no api.err (it raised, or returned nil and
+-- another error): 500 SYSTEM_ERROR, WeChat's answer when its own side
+-- fails, and the failure in the log with the Request-ID answered.
+-- returns: status, body, headers
+local function internal(endpoint, why)
+  local status, body, headers = error_answer(err(500, "SYSTEM_ERROR",
+                                                 "系统繁忙,请稍后重试"))
+  paygate.log.error("simulator: internal failure: " .. tostring(why),
+    { endpoint = endpoint, wechat_request_id = headers["Request-ID"] })
+  return status, body, headers
+end
+
+-- xpcall's handler: the error with where it was raised
+local function traceback(e)
+  return debug.traceback(core.error_string(e), 2)
+end
+
 --- syntax: api.route(method, pattern, endpoint, fn[, opts])
 -- fn(req, c) -> status, body (a table sent as JSON, a string as it is, or
 -- nil for none)[, headers]; or nil, api.err(...). opts.raw: the success
@@ -386,8 +403,15 @@ function _M.route(method, pattern, endpoint, fn, opts)
     end
     local entry = { time = core.time(), method = req.method, target = target,
                     endpoint = endpoint, worker = core.pid() }
-    local status, body, headers = _M.handle(req, target, endpoint, fn, opts,
-                                            entry)
+    -- (protected: a handler that raises -- a bug, the state database
+    -- failing -- is WeChat's 500 SYSTEM_ERROR with a Request-ID, not the
+    -- runtime's {"error": "internal"}; logged once, with its traceback)
+    local ok, status, body, headers = xpcall(_M.handle, traceback, req,
+      target, endpoint, fn, opts, entry)
+    if not ok then
+      entry.code = "SYSTEM_ERROR"
+      status, body, headers = internal(endpoint, status)
+    end
     entry.status = status
     record(entry)
     return status, body, headers
@@ -487,9 +511,8 @@ function _M.handle(req, target, endpoint, fn, opts, entry)
   if status == nil then
     e = body
     if getmetatable(e) ~= err_mt then
-      e = err(500, "SYSTEM_ERROR", "系统繁忙,请稍后重试")
-      paygate.log.error("simulator: internal failure", { endpoint = endpoint,
-                        error = tostring(body) })
+      entry.code = "SYSTEM_ERROR"
+      return internal(endpoint, core.error_string(body))
     end
     entry.code = e.code
     return error_answer(e, e.suffix)
