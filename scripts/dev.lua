@@ -80,6 +80,9 @@ write(dir .. "/sim.lua", "-- written by scripts/run (scripts/dev.lua)\n"
   .. "                  apiv3_key = " .. q(apiv3) .. ",\n"
   .. "                  appids = { " .. q(m.appid) .. " } } },\n"
   .. "  state_dir = " .. q(dir .. "/sim-state") .. ",\n"
+  .. "  -- a media upload of a file at the simulator's 5 MiB limit, in its\n"
+  .. "  -- multipart, is past the runtime's default (5 MiB)\n"
+  .. "  limits = { body_bytes = " .. testing.SIMULATOR_BODY_BYTES .. " },\n"
   .. "}\n", true)
 
 write(dir .. "/gateway.lua", "-- written by scripts/run (scripts/dev.lua) at"

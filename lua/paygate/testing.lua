@@ -259,6 +259,13 @@ local function sim_merchant_conf(m)
   return c
 end
 
+-- The simulator's limits.body_bytes unless o.config gives one: a media
+-- upload of a file at the simulator's own limit (5 MiB, sim/media.lua)
+-- is more than the runtime's default (5 MiB) once the multipart is
+-- around it, and would get the runtime's 413 instead of the simulator's
+-- answer; 64 KiB more holds the meta part and the part heads.
+_M.SIMULATOR_BODY_BYTES = 5 * 1024 * 1024 + 64 * 1024
+
 local SIM_OPTIONS = { merchants = true, partner = true,
   verifier_mode = true, sign_type = true, time_scale = true,
   answer_timeout = true, config = true, app = true, workers = true,
@@ -330,6 +337,12 @@ function _M.simulator(o)
                   sign_type = sim.sign_type }
       if o.answer_timeout then c.answer_timeout = o.answer_timeout end
       for k, v in pairs(o.config or {}) do c[k] = v end
+      if c.limits == nil or type(c.limits) == "table" then
+        -- (a copy: o.config's table stays as given)
+        local limits = { body_bytes = _M.SIMULATOR_BODY_BYTES }
+        for k, v in pairs(c.limits or {}) do limits[k] = v end
+        c.limits = limits
+      end
       sim.time_scale = c.time_scale
       assert(core.mkdir_p(c.state_dir))
       return c
