@@ -76,6 +76,9 @@ describe("simulator notifications (one worker, time_scale 21660)", function()
     assert.truthy(sn.verify(certs, rec))
     assert.equal("application/json", rec.headers["content-type"]:match(
                  "^[^;]+"))
+    -- a Request-ID of the form every answer carries (sim.api's)
+    assert.matches("^" .. ("[0-9A-F]"):rep(42) .. "%-0$",
+                   rec.headers["request-id"] or "")
     local doc, res = sn.decrypt(rec)
     assert.equal("TRANSACTION.SUCCESS", doc.event_type)
     assert.equal("encrypt-resource", doc.resource_type)

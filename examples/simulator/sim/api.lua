@@ -119,9 +119,14 @@ function _M.invalid(field, message, issue, location)
                location = location or "body" })
 end
 
+--- syntax: s = api.request_id([suffix]) -- a Request-ID: 42 upper-case
+-- hex digits, "-", suffix (an internal code; 0, success, by default).
+-- Every Request-ID the simulator sends (answers, notifications) is made
+-- here.
 local function request_id(suffix)
   return crypto.hex(crypto.random_bytes(21)):upper() .. "-" .. (suffix or 0)
 end
+_M.request_id = request_id
 
 -- GET /sim/requests: a ring in the shared dict, so every worker's
 -- requests are listed.

@@ -194,7 +194,7 @@ local function headers(ctx, row, body, fault)
                         notification = true })
   if not ok then return nil, h end
   h["Content-Type"] = "application/json"
-  h["Request-ID"] = crypto.hex(crypto.random_bytes(21)):upper() .. "-0"
+  h["Request-ID"] = ctx.api.request_id(0)
   h["User-Agent"] = "paygate-simulator"
   return h
 end
