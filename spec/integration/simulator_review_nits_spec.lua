@@ -125,6 +125,8 @@ describe("simulator review nits", function()
     local doc = json.decode(res.body)
     assert.equal("PARAM_ERROR", doc and doc.code, res.body)
     assert.equal("uri_template", doc.detail.location)
+    -- the runtime's reason, as the issue
+    assert.matches("dot%-segment", doc.detail.issue or "")
     assert.is_nil(doc.error)
     assert.matches("^%x+%-268435461$", res.headers["request-id"] or "")
     -- the control API is no WeChat answer: the runtime's own, as before
