@@ -1078,8 +1078,8 @@ end
 --          longest), commit_buckets = { { le = s, count, seconds }, ... }
 --          (the COMMITs of each bucket of their time, not cumulative; the
 --          last le math.huge), cache_bytes (the writer's page cache after
---          its last COMMIT: at most cache_mib) }; PostgreSQL: { round_trips = requests the
---          server answered as one so far }
+--          its last COMMIT: at most cache_mib) }; PostgreSQL:
+--          { round_trips = requests the server answered as one so far }
 function DB:stats()
   check_db("db:stats", self)
   if self.h.stats then

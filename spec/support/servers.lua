@@ -441,8 +441,8 @@ end
 -- syntax: db = servers.postgres_db()
 -- A fresh, empty database on this run's shared PostgreSQL server (trust
 -- auth on 127.0.0.1; started on the first call): db = { url, name,
--- port, dir (the server's folder) }. For a describe block that wants a store of its own and does
--- nothing to the server itself: a cluster's initdb, start and stop take
+-- port, dir (the server's folder) }. For a describe block that wants a
+-- store of its own and does nothing to the server itself: a cluster's initdb, start and stop take
 -- 1.5 s, 3 s and more on a loaded machine, a database 0.1 s.
 -- servers.stop_all() (a teardown) drops the databases made so far,
 -- their sessions closed (WITH (FORCE)), and leaves the server running

@@ -36,6 +36,13 @@ local function raises(url, opts, want)
   assert.truthy(err:find("store_options_spec.lua:%d+: "), err)
 end
 
+-- n rows into tbl's v, each the SQL expression value of i (1..n)
+local function fill(db, tbl, n, value, params)
+  assert(db:exec("WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1"
+    .. " FROM s WHERE i < " .. n .. ") INSERT INTO " .. tbl .. " (v) SELECT "
+    .. value .. " FROM s", params))
+end
+
 local function urls()
   local list = { sqlite = "sqlite:" .. tmp .. "/opts.db" }
   if servers.have_postgres() then list.postgres = servers.postgres().url end
@@ -102,10 +109,8 @@ describe("sql.open options", function()
       assert.equal(0, db:stats().cache_bytes)
       assert(db:exec("CREATE TABLE t (k INTEGER PRIMARY KEY, v TEXT)"))
       local row = ("x"):rep(1000)
-      for i = 1, 8 do
-        assert(db:exec("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT"
-          .. " i + 1 FROM n WHERE i < 1000) INSERT INTO t (v) SELECT $1"
-          .. " || i FROM n", { row }))
+      for _ = 1, 8 do
+        fill(db, "t", 1000, "$1 || i", { row })
       end
       local bytes = db:stats().cache_bytes
       db:close()
@@ -196,9 +201,7 @@ describe("sql.open options", function()
      .. " file; it failed \"database or disk is full\")", function()
     local db = assert(sql.open("sqlite:" .. tmp .. "/spill.db"))
     assert(db:exec("CREATE TABLE t (k INTEGER PRIMARY KEY, v TEXT)"))
-    assert(db:exec("WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1"
-      .. " FROM s WHERE i < 120000) INSERT INTO t SELECT i,"
-      .. " hex(randomblob(50)) FROM s"))
+    fill(db, "t", 120000, "hex(randomblob(50))")
     local pages = assert(db:query("SELECT page_count * page_size AS n"
       .. " FROM pragma_page_count(), pragma_page_size()"))[1].n
     assert.is_true(pages > 12e6, "the table is " .. pages .. " bytes")
@@ -216,9 +219,7 @@ describe("sql.open options", function()
     local db = assert(sql.open("sqlite:" .. tmp .. "/spill_temp.db"))
     -- a TEMP table lives on the writer's connection: read it with exec
     assert(db:exec("CREATE TEMP TABLE t (k INTEGER PRIMARY KEY, v TEXT)"))
-    assert(db:exec("WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1"
-      .. " FROM s WHERE i < 120000) INSERT INTO temp.t SELECT i,"
-      .. " hex(randomblob(50)) FROM s"))
+    fill(db, "temp.t", 120000, "hex(randomblob(50))")
     local ok, err = db:exec("UPDATE temp.t SET v = lower(v)")
     assert.is_nil(err)
     assert.equal(120000, ok.changes)

@@ -589,7 +589,7 @@ function _M.refusals()
     if st == 405 then
       e = err(405, r[1], r[2] .. shown(req.method, 32))
     elseif r then
-      local why = json.decode(type(res.body) == "string" and res.body or "")
+      local why = type(res.body) == "string" and json.decode(res.body)
       e = err(st, r[1], r[2], st == 400 and { location = "uri_template",
         issue = type(why) == "table" and shown(why.message, 200) or nil }
         or nil)
