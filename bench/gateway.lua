@@ -53,17 +53,19 @@
 -- The fill's audit rows carry random hashes (not verifiable chains): they
 -- are there for their size and indexes, not for audit.verify.
 --
--- Bench payment i's id is spread over the key space as the gateway's
--- random ones are ("pay_" + a bijection of i, then i: pay_id), and so are
--- its out_trade_no, transaction id, audit subject, outbox subject and
--- notification business key. Ids ascending in i, the order the payments
--- are notified in, flattered the gateway: consecutive notifications wrote
--- the same leaf pages of every index keyed by them, and a group commit
--- wrote each page once for many notifications, where in production each
--- dirties leaves of its own. The kind letter ends the id, so the payments
--- waiting for their notification lie among the history, not in a corner
--- of each index of their own. Their created_at does follow i: payments
--- are paid in about the order they are made.
+-- Bench payment i's id is time-ordered as the gateway's are (gw.model:
+-- the time it was made, then random symbols): "pay_" + its time part
+-- (i, after every history payment's for a payment waiting for its
+-- notification: the history was made a day before) + spread(i) (a
+-- bijection of i standing for the random part) + the kind letter
+-- (pay_id). So are its out_trade_no, audit subject, outbox subject and
+-- notification business key, all made from the id. Its transaction id
+-- is spread over the key space (WeChat's carry a date, then digits in no
+-- order the merchant sees), and so is the notification's id. (Until
+-- gw.model made ids time-ordered, the gateway's were random and the bench
+-- spread them too: consecutive notifications then dirtied leaves of their
+-- own in every index keyed by the payment.) Created_at follows i:
+-- payments are paid in about the order they are made.
 package.path = "bench/?.lua;" .. package.path
 local paygate = require "paygate"
 local sql = require "paygate.sql"
@@ -85,7 +87,8 @@ local function env_num(name, def)
   return tonumber(os.getenv(name) or "") or def
 end
 
--- Bench payment i's key: 16 digits, spread(i) then i, each %08d.
+-- Bench payment i's transaction key: 16 digits, spread(i) then i, each
+-- %08d (pay_id uses spread(i) too).
 -- spread is a bijection of 0 .. 10^8-1 (i * P + C mod 10^8, P odd and not
 -- a multiple of 5, about 0.618 * 10^8: consecutive i land far apart);
 -- i * P + C < 6.2e15 stays exact in a double (2^53), SQLite's integers
@@ -98,9 +101,13 @@ local function key(i)
 end
 
 -- The payment id of bench payment i of kind "b" (waiting) or "h" (paid,
--- the fill's history): the kind last, so both kinds share the key space.
+-- the fill's history): its time part (8 digits: i, or B_AFTER + i for
+-- kind "b", made after all of kind "h"), spread(i), the kind.
+local B_AFTER = 50000000
 local function pay_id(kind, i)
-  return "pay_" .. key(i) .. kind
+  assert(i >= 0 and i < B_AFTER and i % 1 == 0, "bench payment out of range")
+  return ("pay_%08d%08d%s"):format((kind == "h" and 0 or B_AFTER) + i,
+                                   (i * SPREAD_P + SPREAD_C) % SPREAD_M, kind)
 end
 
 -- Its transaction id (28 digits, as WeChat's), the kind (1: h, 2: b) last.
@@ -192,22 +199,27 @@ end
 -- transaction_id of i).
 local function series_sql(engine, kind, from, to)
   local pg = engine == "postgres"
-  local with, from_s, k
+  local t0 = kind == "h" and 0 or B_AFTER
+  local with, from_s, k, kt
   if pg then
     with = ""
     -- bigint: i * SPREAD_P overflows an integer
     from_s = ("FROM generate_series(%d::bigint, %d::bigint) AS s(i)")
              :format(from, to)
-    k = ("(lpad(((i * %d + %d) %% %d)::text, 8, '0') || lpad(i::text, 8,"
-         .. " '0'))"):format(SPREAD_P, SPREAD_C, SPREAD_M)
+    local spread = ("lpad(((i * %d + %d) %% %d)::text, 8, '0')"):format(
+      SPREAD_P, SPREAD_C, SPREAD_M)
+    k = ("(%s || lpad(i::text, 8, '0'))"):format(spread)
+    kt = ("(lpad((i + %d)::text, 8, '0') || %s)"):format(t0, spread)
   else
     with = ("WITH RECURSIVE s(i) AS (SELECT %d UNION ALL SELECT i + 1 FROM s"
             .. " WHERE i < %d) "):format(from, to)
     from_s = "FROM s"
     k = ("printf('%%08d%%08d', (i * %d + %d) %% %d, i)"):format(SPREAD_P,
          SPREAD_C, SPREAD_M)
+    kt = ("printf('%%08d%%08d', i + %d, (i * %d + %d) %% %d)"):format(t0,
+          SPREAD_P, SPREAD_C, SPREAD_M)
   end
-  return with, from_s, ("('pay_' || %s || '%s')"):format(k, kind),
+  return with, from_s, ("('pay_' || %s || '%s')"):format(kt, kind),
     ("('42000000000' || %s || '%s')"):format(k, kind == "h" and "1" or "2")
 end
 

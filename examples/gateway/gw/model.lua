@@ -70,13 +70,43 @@ function _M.time()
   return floor(require("paygate.core").time() * 1000) / 1000
 end
 
-local function random_id(prefix)
-  -- 20 letters and digits: 119 bits
-  return prefix .. crypto.random_nonce(20)
+-- A payment's or refund's id: prefix + 20 symbols, 9 of the time it was
+-- made (milliseconds since the epoch in base 36, lower case: they sort
+-- the same byte-wise -- SQLite's BINARY, PostgreSQL's "C" -- and in the
+-- usual linguistic collations) then 11 random letters and digits (65
+-- bits: two made in one millisecond stay apart).
+-- Why time first: every index keyed by a payment -- its row's, its
+-- attempts' (out_trade_no), its audit chain's, its notifications'
+-- business keys -- then takes new keys at its right edge, and payments
+-- are paid in about the order they are made, so the notifications of one
+-- group commit change the same few leaf pages where random ids dirtied a
+-- leaf of their own per notification per index (bench/gateway, fresh
+-- SQLite store: 41.6 -> 23.1 KiB written per notification, the store's
+-- floor 4.5k -> 8.4k jobs/s), and a large store's working set is its
+-- recent end, not all of it. The id tells when it was made, as the
+-- payment's created_at does to whoever may read it.
+local B36 = "0123456789abcdefghijklmnopqrstuvwxyz"
+local sub = string.sub
+local concat = table.concat
+
+local function time_part(ms)
+  local out = {}
+  for i = 9, 1, -1 do
+    local d = ms % 36
+    out[i] = sub(B36, d + 1, d + 1)
+    ms = (ms - d) / 36
+  end
+  return concat(out)
+end
+_M._time_part = time_part
+
+local function new_id(prefix)
+  local ms = floor(require("paygate.core").time() * 1000)
+  return prefix .. time_part(ms) .. crypto.random_nonce(11)
 end
 
-function _M.new_payment_id() return random_id("pay_") end
-function _M.new_refund_id() return random_id("ref_") end
+function _M.new_payment_id() return new_id("pay_") end
+function _M.new_refund_id() return new_id("ref_") end
 
 --- syntax: no = model.out_trade_no(payment_id, n)
 -- Attempt n's out_trade_no: derived, so never reused (WeChat refuses a

@@ -42,6 +42,16 @@ describe("gateway merchant API", function()
       local q = env.sim:notifications{ out_trade_no = b.payment.out_trade_no }
       assert.equal(0, #q)
       assert.truthy(b.payment.expires_at > b.payment.created_at)
+      -- its id begins with the millisecond it was made (gw.model): ids
+      -- sort by creation, so the store's indexes grow at their right edge
+      local ms = 0
+      for c in b.payment.id:sub(5, 13):gmatch(".") do
+        ms = ms * 36 + tonumber(c, 36)
+      end
+      assert.is_true(math.abs(ms - b.payment.created_at * 1000) < 2000,
+                     b.payment.id .. " at " .. b.payment.created_at)
+      local later = env:create{ amount = 150 }
+      assert.is_true(later.payment.id > b.payment.id)
     end)
 
     it("h5: an h5_url", function()
