@@ -661,6 +661,26 @@ function _M.list_sql(q)
     .. " id DESC LIMIT " .. (PAGE + 1), params
 end
 
+--- syntax: sql, params = pages.search_sql(term[, sub_mchid])
+-- The payments a console search finds: an exact id, out_trade_no or
+-- transaction_id (any attempt's: a payment's transaction_id is its paid
+-- attempt's, migration 016), order_id (any app's: several may use the
+-- same), a refund's out_refund_no or the merchant's reference of a refund
+-- (migration 014's index). order_id has no index of its own (only
+-- (app_id, order_id)): its subquery reads the table once, apart, so the
+-- other terms keep theirs. A sub-merchant given too keeps its payments
+-- only.
+function _M.search_sql(term, sub)
+  return LIST_COLS .. " WHERE (id = $1"
+    .. " OR id IN (SELECT payment_id FROM gw_attempts WHERE"
+    .. " out_trade_no = $1 OR transaction_id = $1) OR id IN (SELECT"
+    .. " payment_id FROM gw_refunds WHERE out_refund_no = $1) OR id IN"
+    .. " (SELECT payment_id FROM gw_refunds WHERE reference = $1) OR id IN"
+    .. " (SELECT id FROM gw_payments WHERE order_id = $1))"
+    .. (sub and " AND sub_mchid = $2" or "")
+    .. " ORDER BY created_at DESC LIMIT " .. PAGE, { term, sub or nil }
+end
+
 function _M.payments(q, view)
   local db = ctx.db
   local term = type(q.q) == "string" and q.q:gsub("^%s+", "")
@@ -668,20 +688,7 @@ function _M.payments(q, view)
   local sub = _M.parse_sub_mchid(q.sub_mchid)
   local rows, err
   if term ~= "" then
-    -- an exact id, out_trade_no (any attempt), transaction_id, order_id
-    -- (any app's: several may use the same), a refund's out_refund_no or
-    -- the merchant's reference of a refund (migration 014's index).
-    -- order_id has no index of its own (only (app_id, order_id)): its
-    -- subquery reads the table once, apart, so the other terms keep theirs.
-    -- A sub-merchant given too keeps its payments only.
-    rows, err = db:query(LIST_COLS .. " WHERE (id = $1 OR transaction_id ="
-      .. " $1 OR id IN (SELECT payment_id FROM gw_attempts WHERE"
-      .. " out_trade_no = $1 OR transaction_id = $1) OR id IN (SELECT"
-      .. " payment_id FROM gw_refunds WHERE out_refund_no = $1) OR id IN"
-      .. " (SELECT payment_id FROM gw_refunds WHERE reference = $1) OR id IN"
-      .. " (SELECT id FROM gw_payments WHERE order_id = $1))"
-      .. (sub and " AND sub_mchid = $2" or "")
-      .. " ORDER BY created_at DESC LIMIT " .. PAGE, { term, sub or nil })
+    rows, err = db:query(_M.search_sql(term, sub))
   else
     rows, err = db:query(_M.list_sql(q))
   end
