@@ -218,3 +218,145 @@ describe("paygate doctor: the TLS chain of the notify URL", function()
     assert.equal("ok", r.notify_url and r.notify_url.status, out)
   end)
 end)
+
+-- cert_expiry of the notify URL's host: once the probe's handshake
+-- passes, each certificate the host sends is listed as the API host's
+-- are (a certificate ending in 5 days went unsaid, and WeChat's
+-- notifications failed TLS the day it ended). An expired one fails the
+-- handshake: notify_url names it, with its date, and cert_expiry does not
+-- list it again.
+describe("paygate doctor's cert_expiry of the notify URL's host",
+         function()
+  local function notify_config(url, extra)
+    local path = dir .. "/doctor." .. crypto.random_nonce(6) .. ".lua"
+    write(path, ("return { wechatpay = { mchid = '1900000001', "
+      .. "merchant_private_key = %q, merchant_certificate = %q, "
+      .. "apiv3_key = '0123456789abcdefghijABCDEFGHIJkl', base_url = "
+      .. "'http://127.0.0.1:9' }, notify_url = %q, notify_ca_file = %q%s }")
+      :format(pki.merchant_key, pki.merchant, url, pki.root, extra or ""))
+    return path
+  end
+  -- every result line of the --json output, in order
+  local function lines(out)
+    local l = {}
+    for line in out:gmatch("[^\n]+") do
+      local r = line:sub(1, 1) == "{" and json.decode(line)
+      if type(r) == "table" and r.kind ~= nil then l[#l + 1] = r end
+    end
+    return l
+  end
+  local function notify_expiry(out)
+    local l = {}
+    for _, x in ipairs(lines(out)) do
+      if x.kind == "cert_expiry" and x.cause:find("notify", 1, true) then
+        l[#l + 1] = x
+      end
+    end
+    return l
+  end
+  local function ends(pem)
+    local c = assert(x509.load(read(pem)))
+    return os.date("!%Y-%m-%d %H:%M UTC", c:not_after()), c:serial()
+  end
+  local function serve(chain, key)
+    return server.start{ source = APP, scheme = "https", args = {
+      "--tls-cert", chain, "--tls-key", key } }
+  end
+
+  it("warns of the leaf and intermediate it sends expiring within 30 "
+     .. "days", function()
+    local s = serve(pki.good_chain, pki.good_key)
+    local _, out, r = run({ "doctor", "--json", "--config",
+      notify_config("https://localhost:" .. s.port .. "/notify") })
+    s:stop()
+    assert.equal("ok", r.notify_url.status, out)
+    local l = notify_expiry(out)
+    assert.equal(2, #l, out)
+    local at, serial = ends(pki.good)
+    assert.equal("warn", l[1].status, out)
+    assert.equal(("notify_url's TLS certificate of localhost:%d "
+                  .. "(CN=localhost) %s expires in 2 days, on %s"):format(
+                  s.port, serial, at), l[1].cause, out)
+    assert.matches("WeChat cannot deliver notifications to localhost:"
+                   .. s.port .. " once it expires", l[1].fix, 1, true)
+    assert.matches("renew the certificate on the notify host", l[1].fix, 1,
+                   true)
+    -- a certificate of the operator's own CA (a test): said so
+    assert.matches("notify_ca_file", l[1].fix, 1, true)
+    at, serial = ends(pki.inter)
+    assert.equal("warn", l[2].status, out)
+    assert.equal(("notify_url's TLS intermediate of localhost:%d "
+                  .. "(CN=diag-intermediate) %s expires in 2 days, on %s")
+                 :format(s.port, serial, at), l[2].cause, out)
+  end)
+
+  it("says the days left of a certificate valid long", function()
+    -- a CA and a leaf of 400 days (diagpki's are of 3)
+    local function f(n) return dir .. "/long_" .. n end
+    local function sh(cmd)
+      local ok = os.execute(cmd .. " >/dev/null 2>&1")
+      assert(ok == 0 or ok == true, cmd)
+    end
+    sh(("openssl req -x509 -newkey rsa:2048 -nodes -keyout %s -out %s "
+        .. "-days 400 -subj /CN=diag-long-root -addext basicConstraints="
+        .. "critical,CA:TRUE"):format(f("root.key"), f("root.pem")))
+    sh(("openssl req -newkey rsa:2048 -nodes -keyout %s -out %s -subj "
+        .. "/CN=localhost"):format(f("leaf.key"), f("leaf.csr")))
+    sh(("openssl x509 -req -in %s -CA %s -CAkey %s -set_serial 0x4C4F -out "
+        .. "%s -days 400 -sha256 -extfile %s"):format(f("leaf.csr"),
+        f("root.pem"), f("root.key"), f("leaf.pem"), dir .. "/good.ext"))
+    local s = serve(f("leaf.pem"), f("leaf.key"))
+    local path = notify_config("https://localhost:" .. s.port .. "/notify")
+    write(path, (read(path):gsub("notify_ca_file = \"[^\"]*\"",
+                                 ("notify_ca_file = %q"):format(
+                                   f("root.pem")))))
+    local _, out, r = run({ "doctor", "--json", "--config", path })
+    s:stop()
+    assert.equal("ok", r.notify_url.status, out)
+    local l = notify_expiry(out)
+    assert.equal(1, #l, out)
+    local at = ends(f("leaf.pem"))
+    assert.equal("ok", l[1].status, out)
+    -- (399 days and some hours: rounded down)
+    assert.equal(("notify_url's TLS certificate of localhost:%d "
+                  .. "(CN=localhost) 4C4F: 399 days left, until %s"):format(
+                  s.port, at), l[1].cause, out)
+  end)
+
+  it("an expired certificate: notify_url names it with its date, "
+     .. "cert_expiry does not list it again", function()
+    local s = serve(pki.expired_chain, pki.expired_key)
+    local code, out, r = run({ "doctor", "--json", "--config",
+      notify_config("https://localhost:" .. s.port .. "/notify") })
+    s:stop()
+    assert.equal(1, code, out)
+    local n = r.notify_url
+    assert.equal("fail", n.status, out)
+    assert.equal("expired", n.x509_kind, out)
+    assert.matches("expired on", n.detail, 1, true)
+    assert.matches("renew", n.fix, 1, true)
+    assert.equal(0, #notify_expiry(out), out)
+  end)
+
+  -- the HTTPS listener's certificate (the config's tls section) served at
+  -- the notify URL: one line, naming it as both
+  it("names the listener's certificate the notify host sends once",
+     function()
+    local s = serve(pki.good_chain, pki.good_key)
+    local _, out = run({ "doctor", "--json", "--config",
+      notify_config("https://localhost:" .. s.port .. "/notify",
+        (", tls = { cert = %q, key = %q }"):format(pki.good_chain,
+                                                   pki.good_key)) })
+    s:stop()
+    local l = notify_expiry(out)
+    assert.equal(2, #l, out)
+    local _, serial = ends(pki.good)
+    assert.matches("^the HTTPS listener's certificate %(tls%.cert%), which "
+                   .. "the notify host localhost:" .. s.port .. " sends, "
+                   .. serial .. " expires in 2 days", l[1].cause)
+    assert.matches("^WeChat cannot deliver notifications", l[1].fix)
+    assert.matches("give tls.cert and tls.key", l[1].fix, 1, true)
+    assert.matches("^notify_url's TLS intermediate of localhost:"
+                   .. s.port, l[2].cause)
+  end)
+end)

@@ -46,9 +46,10 @@ signed timestamp on that answer (warn from 60 s off), the notify URL
 reachable, refusing an unsigned probe and answering within WeChat's 5 s,
 the server's timeouts (request, header, body) against that window, the
 database and Redis, lease TTLs against the measured processing time,
-certificates expiring within 30 days (the merchant's, the platform's and
-each one the API host sends, by its subject, even when the chain fails;
-each with its serial, days and end date), the client's state_dir (writable:
+certificates expiring within 30 days (the merchant's, the platform's,
+each one the API host sends, by its subject, even when the chain fails,
+and each one the notify URL's host sends once its handshake passes; each
+with its serial, days and end date), the client's state_dir (writable:
 a probe file written and removed; the certificates it keeps for the
 merchant, and how old the file is), the HTTPS listener's certificate and
 key (the config's tls section and, in the gateway's, the set
@@ -1454,7 +1455,53 @@ local function notify_tls(out, url, host, port, conf, now)
   return true
 end
 
-local function check_notify(out, conf, metrics)
+-- cert_expiry of the notify URL's host: each certificate it sends, listed
+-- as the API host's are (check_expiry: warned within 30 days, failed once
+-- ended), after a probe whose TLS handshake passed. A handshake that
+-- failed is named by notify_tls instead (an expired certificate there with
+-- its date, in the chain's verdict): not listed twice. WeChat's handshake
+-- fails once the certificate ends, and no notification is delivered. A
+-- certificate already listed (the HTTPS listener's own, served at
+-- public_url) is named as this host's too, not listed again.
+local function notify_certs(expiring, host, port, conf)
+  if not host:match("^[%w][%w%.%-]*$") or #host > 253 then return end
+  local pem = fetch_chain(host, port)
+  if not pem then return end
+  local where = port == 443 and host or host .. ":" .. port
+  local LOST = "WeChat cannot deliver notifications to " .. where
+    .. " once it expires (its TLS handshake fails; each notification is "
+    .. "sent again for about a day, then given up)"
+  local soon = LOST .. ": renew the certificate on the notify host ("
+    .. (conf.from_gateway and "the host of the gateway's public_url"
+        or "the host of notify_url") .. ") and install it, with its "
+    .. "intermediates, before then"
+    .. (conf.notify_ca_file and " (a certificate of your own CA, "
+        .. "notify_ca_file: issue the next one from it; WeChat itself "
+        .. "trusts public CAs only)" or "")
+  local ended = "WeChat's TLS handshake fails on an expired certificate "
+    .. "and delivers no notification: renew the certificate on the notify "
+    .. "host (an extra expired certificate the server sends: remove it "
+    .. "from the chain)"
+  local before = #expiring          -- those listed by the other checks
+  for i, c in ipairs(x509.chain(pem)) do
+    local fp, seen = c:fingerprint(), nil
+    for k = 1, before do
+      if expiring[k][2]:fingerprint() == fp then seen = expiring[k]; break end
+    end
+    if seen then
+      seen[1] = seen[1] .. ", which the notify host " .. where
+                .. " sends,"
+      seen[3] = LOST .. ": " .. (seen[3] or "renew it before then")
+      seen[4] = seen[4] or ended
+    else
+      expiring[#expiring + 1] = { ("notify_url's TLS %s of %s (%s)")
+        :format(i == 1 and "certificate" or "intermediate", where,
+                c:subject()), c, soon, ended }
+    end
+  end
+end
+
+local function check_notify(out, conf, metrics, expiring)
   local url = conf.notify_url
   local limits = type(conf.limits) == "table" and conf.limits or {}
   local rt = limits.request_timeout or 30
@@ -1606,6 +1653,11 @@ local function check_notify(out, conf, metrics)
       out:ok("notify_url", ("%s answered HTTP %d in %d ms (refused the "
              .. "unsigned probe, as it should)"):format(shown, res.status,
              took * 1000))
+    end
+    -- the handshake passed: the certificates the host sends, for
+    -- cert_expiry (whatever the answer: WeChat's handshake is the same)
+    if res and url:match("^https://") and host then
+      notify_certs(expiring, host, port, conf)
     end
   end
   -- the server's own timeouts against WeChat's window
@@ -2197,7 +2249,7 @@ local function main(args)
     metrics = res and res.status == 200 and res.body or nil
   end
   check_in_use(out, conf, metrics)
-  check_notify(out, conf, metrics)
+  check_notify(out, conf, metrics, expiring)
   check_stores(out, conf)
   check_leases(out, conf, metrics)
   check_expiry(out, expiring, now)
