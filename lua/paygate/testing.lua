@@ -64,10 +64,13 @@ end
 
 local write = proc.write
 
+-- raises at its caller's caller (merchant_keys's), an openssl that
+-- cannot start too (proc.run's error: through pcall, it names no line)
 local function openssl(args, what)
   local argv = { "openssl" }
   for _, a in ipairs(args) do argv[#argv + 1] = a end
-  local code, out = proc.run(argv, { timeout = 60 })
+  local ok, code, out = pcall(proc.run, argv, { timeout = 60 })
+  if not ok then out = tostring(code) end
   if code ~= 0 then
     error("testing: openssl failed making " .. what .. ": " .. out, 3)
   end
@@ -133,7 +136,10 @@ function _M.merchant(o)
   m.appids = o.appids or { "wx" .. crypto.hex(crypto.random_bytes(8)) }
   m.appid = m.appids[1]
   m.apiv3_key = o.apiv3_key or _M.apiv3_key()
-  local k = _M.merchant_keys{ mchid = m.mchid, sm2 = m.sm2, dir = o.dir }
+  -- (through pcall, raised again at this function's caller: see start)
+  local ok, k = pcall(_M.merchant_keys,
+                      { mchid = m.mchid, sm2 = m.sm2, dir = o.dir })
+  if not ok then error(k, 2) end
   for kk, v in pairs(k) do m[kk] = v end
   return m
 end
@@ -159,6 +165,12 @@ local APP_OPTIONS = { app = true, source = true, config = true,
   workers = true, args = true, port = true, wait = true, timeout = true,
   scheme = true, ca_file = true, bin = true, watchdog = true }
 
+-- The kit's errors name the line that called the kit, the spec's: a
+-- public function raises at its caller (error(msg, 2); 3 from a helper of
+-- it). One kit function calling another would have them name its own
+-- line; it calls it through pcall instead, where they name no line (their
+-- level is pcall's), and raises them again at its own caller's level, as
+-- start does here.
 -- server.start's errors name no line (its caller is pcall). Raised again
 -- at level (counted from start's caller, as error's), they name the
 -- spec's: start_app's caller, or testing.simulator's (it named this file's
@@ -291,10 +303,16 @@ function _M.simulator(o)
   o = o or {}
   local sm2 = o.sign_type == SM2_TYPE
   local merchants = o.merchants
+  -- (testing.merchant through pcall, its error raised again here: start)
+  local function merchant()
+    local ok, m = pcall(_M.merchant, { sm2 = sm2 })
+    if not ok then error(m, 3) end
+    return m
+  end
   if merchants == nil or type(merchants) == "number" then
     local n = merchants or 1
     merchants = {}
-    for i = 1, n do merchants[i] = _M.merchant{ sm2 = sm2 } end
+    for i = 1, n do merchants[i] = merchant() end
   end
   local partner
   if o.partner then
@@ -303,7 +321,7 @@ function _M.simulator(o)
       error("testing.simulator: o.partner must be true or a number of"
             .. " sub-merchants", 2)
     end
-    partner = _M.merchant{ sm2 = sm2 }
+    partner = merchant()
     partner.sub_mchids = {}
     for i = 1, n do
       local sub
@@ -483,15 +501,19 @@ local HOLD_OPTIONS = { count = true, seconds = true }
 function Sim:hold(endpoint, o)
   check_options("sim:hold", o, HOLD_OPTIONS)
   o = o or {}
-  local f = self:control("POST", "/sim/faults", { endpoint = endpoint,
-    kind = "hold", count = o.count or 1, seconds = o.seconds })
+  -- (control_call itself: its error names this method's caller)
+  local f = control_call(self, "POST", "/sim/faults", { endpoint = endpoint,
+    kind = "hold", count = o.count or 1, seconds = o.seconds }, is_2xx)
   return setmetatable({ sim = self, id = f.id, fault = f }, Hold)
 end
 
 -- the fault as GET /sim/faults lists it now (held, fired, released), or
--- nil when it was cleared
+-- nil when it was cleared; raises as sim:control does, naming no line
+-- (through pcall: wait_held raises it again at its caller's)
 local function hold_state(h)
-  for _, f in ipairs(h.sim:control("GET", "/sim/faults")) do
+  local ok, list = pcall(h.sim.control, h.sim, "GET", "/sim/faults")
+  if not ok then error(list, 0) end
+  for _, f in ipairs(list) do
     if f.id == h.id then return f end
   end
 end
@@ -505,7 +527,9 @@ end
 function Hold:wait_held(n, timeout)
   n = n or 1
   local f
-  proc.wait_until(function()
+  -- (through pcall: its errors, and wait_until's, name no line, and are
+  -- raised again at this method's caller's, the spec's)
+  local ok, err = pcall(proc.wait_until, function()
     f = hold_state(self)
     if not f then
       error("sim:hold: fault " .. self.id .. " was cleared: it holds"
@@ -520,6 +544,7 @@ function Hold:wait_held(n, timeout)
       tostring(f.seconds))
   end, timeout or 10, "requests to " .. self.fault.endpoint
                       .. " held by fault " .. self.id)
+  if not ok then error(err, 2) end
   return f
 end
 
@@ -540,7 +565,8 @@ end
 
 --- syntax: list = sim:requests() -- the requests the simulator received
 function Sim:requests()
-  local t = self:control("GET", "/sim/requests")
+  -- (control_call itself: its error names this method's caller)
+  local t = control_call(self, "GET", "/sim/requests", nil, is_2xx)
   return t.requests or t
 end
 
@@ -559,8 +585,9 @@ function Sim:notifications(f)
                        "mchid", "id", "state" }) do
     if f and f[k] then q[#q + 1] = k .. "=" .. esc(f[k]) end
   end
-  local t = self:control("GET", "/sim/notifications"
-                         .. (#q > 0 and "?" .. table.concat(q, "&") or ""))
+  -- (control_call itself: its error names this method's caller)
+  local t = control_call(self, "GET", "/sim/notifications"
+    .. (#q > 0 and "?" .. table.concat(q, "&") or ""), nil, is_2xx)
   return t.notifications or t
 end
 
@@ -835,8 +862,11 @@ end
 -- acknowledged (opts as for wait_notification).
 function Sim:pay_and_wait(no, opts)
   check_options("sim:pay_and_wait", opts, WAIT_OPTIONS)
-  self:pay(no, opts and opts.mchid)
+  -- (through pcall, raised again at this method's caller: see start)
+  local ok, err = pcall(self.pay, self, no, opts and opts.mchid)
+  if not ok then error(err, 2) end
   local m = { out_trade_no = no, event_type = "TRANSACTION.SUCCESS" }
+  -- (a tail call: wait_notification's error names this method's caller)
   return self:wait_notification(m, opts)
 end
 
@@ -867,8 +897,9 @@ function Sim:client_config(m, over)
     c.mchid, c.appid, c.appids = m.mchid, m.appid, others
   end
   if self.sign_type ~= RSA_TYPE then c.sign_type = self.sign_type end
+  -- (control_call itself: its error names this method's caller)
   if self.verifier_mode ~= "platform_certificates" then
-    local pk = self:public_key()
+    local pk = control_call(self, "GET", "/sim/public-key", nil, is_2xx)
     c.public_key, c.public_key_id = pk.pem, pk.id
   end
   if self.verifier_mode == "public_key" then
@@ -877,7 +908,9 @@ function Sim:client_config(m, over)
     -- migration: both keys held from the start (the client downloads and
     -- refreshes the certificates too)
     local pems = {}
-    for i, cert in ipairs(self:platform_certificates()) do
+    for i, cert in ipairs(control_call(self, "GET",
+                                       "/sim/platform-certificates", nil,
+                                       is_2xx)) do
       pems[i] = cert.certificate
     end
     c.platform_certificates = pems
@@ -894,7 +927,9 @@ end
 -- certificate added) would show on the spec's stderr, as if the app's.
 function Sim:client(m, over)
   local wechatpay = require "paygate.wechatpay"
-  local conf = self:client_config(m, over)
+  -- (through pcall, raised again at this method's caller: see start)
+  local ok, conf = pcall(self.client_config, self, m, over)
+  if not ok then error(conf, 2) end
   if over == nil or over.log_level == nil then conf.log_level = "warn" end
   local wx, err = wechatpay.client(conf)
   if not wx then error("testing: wechatpay.client: " .. tostring(err), 2) end
@@ -925,7 +960,10 @@ function Sim:order(p)
     self.kit_clients = self.kit_clients or {}
     wx = self.kit_clients[m]
     if not wx then
-      wx = self:client(m)
+      -- (through pcall, raised again at this method's caller: see start)
+      local ok
+      ok, wx = pcall(self.client, self, m)
+      if not ok then error(wx, 2) end
       self.kit_clients[m] = wx
     end
   end

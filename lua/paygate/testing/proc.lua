@@ -496,7 +496,13 @@ function _M.run(argv, opts)
     log = make_temp("run", false)
     _M.remove_when_gone(log)
   end
-  local p = _M.spawn(argv, { log = log })
+  -- (through pcall: spawn's error names no line, and is raised again at
+  -- this function's caller's)
+  local ok, p = pcall(_M.spawn, argv, { log = log })
+  if not ok then
+    if not opts.log then os.remove(log) end
+    error(p, 2)
+  end
   local code = p:wait(opts.timeout or 60)
   if code == nil then p:stop(1) end
   local out = _M.read(log)
@@ -525,7 +531,8 @@ end
 --- syntax: proc.write(path, data) -- the file's whole content (raises on
 -- failure)
 function _M.write(path, data)
-  local f = assert(io.open(path, "wb"))
+  local f, err = io.open(path, "wb")
+  if not f then error(err, 2) end   -- (assert's would name no line)
   f:write(data)
   f:close()
 end

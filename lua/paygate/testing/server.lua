@@ -366,7 +366,9 @@ function Server:reload(timeout)
     return nil, out ~= "" and out
                 or "paygate reload: exit " .. tostring(code)
   end
-  proc.wait_until(function()
+  -- (through pcall: wait_until's error names no line, and is raised again
+  -- at this method's caller's, the spec's)
+  local ok, err = pcall(proc.wait_until, function()
     local now = {}
     for _, pid in ipairs(self:workers()) do now[pid] = true end
     local left = {}
@@ -377,6 +379,7 @@ function Server:reload(timeout)
                        .. table.concat(left, ", ")
   end, math.max(deadline - core.mono(), 1),
   "the old workers to exit after the reload")
+  if not ok then error(err, 2) end
   return true, out
 end
 
@@ -387,6 +390,7 @@ end
 function Server:kill_worker(pid, timeout)
   local n = #self:workers()
   proc.kill_pid(pid, proc.SIGKILL)
+  -- (a tail call: wait_until's error names this method's caller)
   return proc.wait_until(function()
     local now = self:workers()
     local seen = "workers " .. table.concat(now, ", ")
