@@ -702,10 +702,16 @@ function Sim:wait_notification(match, opts)
     for k, v in pairs(match) do m[k] = v end
     match = m
   end
-  local seen
+  local seen, failed
   local function find()
     seen = {}
-    for _, d in ipairs(self:notifications(match)) do
+    -- (through pcall: its error names no line; raised again below)
+    local ok, list = pcall(self.notifications, self, match)
+    if not ok then
+      failed = list
+      error(list, 0)
+    end
+    for _, d in ipairs(list) do
       local no, rno = about(d)
       if (not match.out_trade_no or match.out_trade_no == no)
          and (not match.out_refund_no or match.out_refund_no == rno)
@@ -735,6 +741,9 @@ function Sim:wait_notification(match, opts)
   local timeout = opts.timeout or 15
   local ok, d = pcall(proc.wait_until, find, timeout, "a notification")
   if ok then return d end
+  -- the simulator refused or never answered: that, not a wait that saw
+  -- nothing in timeout s
+  if failed then error(failed, 2) end
   -- a retry not due yet: WeChat's schedule (15 s, 15 s, 30 s, ...) is
   -- longer than the wait unless the simulator runs with a time_scale
   -- (with one already set, only a longer wait helps)
