@@ -3,8 +3,9 @@
 -- filename, sha256 }) only (sim.api checks it); then the "file" part must
 -- be there, its SHA-256 the meta's, its name's extension one WeChat takes
 -- (JPG, BMP, PNG for images; AVI, WMV, MPEG, MP4, MOV, MKV, FLV, F4V, M4V,
--- RMVB for videos) and its size within the limit (5 MB images, 5 MB
--- videos here). The answer: { media_id }.
+-- RMVB for videos) and its size within the limit (5 MiB, 5 * 1024 * 1024
+-- bytes, images and videos alike here: WeChat's documented "5M" taken as
+-- MiB). The answer: { media_id }.
 local crypto = require "paygate.crypto"
 local json = require "sim.json"
 
