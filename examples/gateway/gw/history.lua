@@ -101,7 +101,7 @@ _M.CAPTURE_PER_SECOND = 1
 local captured, capture_second, capture_count = 0, -1, 0
 local FILE_MODE, DIR_MODE = 384, 448        -- 0600, 0700
 local NO_SYNC = { sync = false }
--- a capture's files: BASE .. each ("refused-TIME-MS-PID-N")
+-- a capture's files: BASE .. each ("refused-TIME-MS-PID-N", N 9 digits)
 local CAPTURE_EXTS = { ".headers", ".body", ".certs.pem", ".pub.pem" }
 -- headers that carry a credential (a proxy's, a browser's sent astray):
 -- named in the capture, their value not kept. WeChat sends none of them,
@@ -248,8 +248,11 @@ function _M.capture(wx, req)
   table.sort(lines)
   captured = captured + 1
   local base = dir .. "/refused-" .. os.date("!%Y%m%dT%H%M%S", floor(now))
-    .. ("-%03d-%d-%d"):format(floor(now * 1000) % 1000, core.pid(),
-                               captured)
+    -- (the counter padded: names sort by time, then by it -- unpadded,
+    -- "-10" sorted before "-9" in one millisecond, and the prune kept an
+    -- older capture in place of the newest)
+    .. ("-%03d-%d-%09d"):format(floor(now * 1000) % 1000, core.pid(),
+                                captured)
   local head = table.concat(lines, "\n") .. "\n"
   local ok, err = put(base .. ".headers", head)
   if not ok and core.mkdir_p(dir, DIR_MODE) then

@@ -194,6 +194,50 @@ describe("gateway: refused notifications captured", function()
       history.CAPTURE_MAX + 1))))
   end)
 
+  it("keeps the newest in one millisecond too, past a counter of 9 or 99",
+     function()
+    -- was: the counter in the name unpadded, "-10" sorted before "-9",
+    -- and the prune removed the newest capture of a millisecond
+    history.CAPTURE_PER_SECOND, history.CAPTURE_KEEP = 1e6, 3
+    local paygate = require "paygate"
+    local update_time = paygate.update_time
+    local T = update_time()
+    paygate.update_time = function() return T end
+    local ok, err = pcall(function()
+      local function newest_kept(body)
+        for _, b in ipairs(bases(dir)) do
+          if testing.read(dir .. "/" .. b .. ".body") == body then
+            return true
+          end
+        end
+        return false
+      end
+      -- the first one's counter (the worker's count so far, + 1): then on
+      -- until it has gained a digit, and three more
+      local bodies = { '{"id":"1"}' }
+      assert(history.capture(wx, req(bodies[1])))
+      local first = tonumber(bases(dir)[1]:match("%-(%d+)$"))
+      local last = 10 ^ #tostring(first) + 2
+      assert.truthy(last - first < 2000, first)
+      for i = 2, last - first + 1 do
+        local body = '{"id":"' .. i .. '"}'
+        assert(history.capture(wx, req(body)))
+        bodies[#bodies + 1] = body
+        -- a prune never removes the newest
+        assert.truthy(newest_kept(body), "capture " .. i .. " (counter "
+                      .. (first + i - 1) .. ") was pruned at once")
+      end
+      local left = {}
+      for _, b in ipairs(bases(dir)) do
+        left[#left + 1] = testing.read(dir .. "/" .. b .. ".body")
+      end
+      assert.same({ bodies[#bodies - 2], bodies[#bodies - 1],
+                    bodies[#bodies] }, left)
+    end)
+    paygate.update_time = update_time
+    assert(ok, err)
+  end)
+
   it("drops captures older than CAPTURE_MAX_AGE, at a capture and when"
      .. " pruned with none made", function()
     -- was: the newest CAPTURE_KEEP kept whatever their age: a gateway

@@ -133,7 +133,9 @@ describe("gateway migrations over an older store", function()
       assert(os.execute("cp examples/gateway/migrations/" .. name
                         .. "/0[01]*.sql " .. old .. "/" .. name .. "/"))
       assert(os.execute("rm -f " .. old .. "/" .. name .. "/016_*.sql"))
-      local db = assert(sql.open(engine[2]()))
+      -- (a store of its own: the others' has every migration applied)
+      local db = assert(sql.open(name == "sqlite" and "sqlite:" .. dir
+                                 .. "/gw016.db" or engine[2]()))
       assert(migrate.run(db, old))
       local function payment(id, state, txn, paid_no)
         assert(db:exec("INSERT INTO gw_payments (id, app_id, order_id,"
