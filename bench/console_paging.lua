@@ -33,9 +33,12 @@ for from = 1, N, BATCH do
         .. " 'CNY', 'bench', $2, 1, $3, 1, $4, 0, $5, $5)",
         { id, STATES[i % #STATES + 1], no, "42" .. ("%026d"):format(i),
           at }))
+      -- (the attempt carries the payment's transaction_id, as the
+      -- gateway writes it: the console's search finds it there)
       assert(tx:exec("INSERT INTO gw_attempts (out_trade_no, payment_id,"
-        .. " n, channel, state, created_at) VALUES ($1, $2, 1, 'native',"
-        .. " 'open', $3)", { no, id, at }))
+        .. " n, channel, state, transaction_id, created_at) VALUES ($1, $2,"
+        .. " 1, 'native', 'open', $4, $3)",
+        { no, id, at, "42" .. ("%026d"):format(i) }))
     end
     return true
   end))

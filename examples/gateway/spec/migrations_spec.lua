@@ -160,6 +160,10 @@ describe("gateway migrations over an older store", function()
       payment("p_both", "paid", "4200000002", "p_both_2")
       attempt("p_both", 1, "superseded")
       attempt("p_both", 2, "paid", "4200000002")
+      -- paid, no paid attempt named (a hand-made row): its current one
+      payment("p_noname", "paid", "4200000003")
+      attempt("p_noname", 1, "closed")
+      attempt("p_noname", 2, "paid")
       -- not paid
       payment("p_open", "paying")
       attempt("p_open", 1, "superseded")
@@ -174,6 +178,7 @@ describe("gateway migrations over an older store", function()
       end
       assert.same({ p_old_1 = "4200000001", p_old_2 = "none",
                     p_both_1 = "none", p_both_2 = "4200000002",
+                    p_noname_1 = "none", p_noname_2 = "4200000003",
                     p_open_1 = "none", p_open_2 = "none" }, got)
       local rows = assert(db:query(name == "sqlite"
         and "SELECT name FROM sqlite_master WHERE type = 'index'"
@@ -186,6 +191,7 @@ describe("gateway migrations over an older store", function()
       package.path = "examples/gateway/?.lua;" .. package.path
       local pages = require "gw.console.pages"
       for _, c in ipairs{ { "4200000001", "p_old" }, { "4200000002", "p_both" },
+                          { "4200000003", "p_noname" },
                           { "p_open_1", "p_open" }, { "p_both", "p_both" } } do
         local found = assert(db:query(pages.search_sql(c[1])))
         assert.equal(1, #found, c[1])
