@@ -295,8 +295,9 @@ end
 
 -- Makes the gateway's tables (its migrations, the audit's and the
 -- outbox's), then inserts kind's payments from..to in chunks. On SQLite
--- with the savepoint journals of this connection in memory: their ids
--- are spread, so a chunk changes leaf pages all over every index, and a
+-- with the savepoint journals of this connection in memory: their
+-- transaction ids are spread, so a chunk changes leaf pages all over that
+-- index, and a
 -- write whose journal (the first image of each page it changes) spills
 -- to a temporary file past 8 MiB fails "database or disk is full"
 -- (LSQLITE_STMT_SPILL).
@@ -584,8 +585,8 @@ end
 
 -- How many of payments from..to are paid, and how many audit entries and
 -- outbox events they have (each paid one exactly once: 3 entries, 1
--- event; the others untouched: 2 entries). Their ids are spread (pay_id):
--- each count joins the series of them.
+-- event; the others untouched: 2 entries). Each count joins the series
+-- of their ids (pay_id).
 local function check(url, from, to)
   local db = assert(sql.open(url))
   local with, from_s, id = series_sql(db.engine, "b", from, to)
