@@ -136,10 +136,8 @@ function _M.merchant(o)
   m.appids = o.appids or { "wx" .. crypto.hex(crypto.random_bytes(8)) }
   m.appid = m.appids[1]
   m.apiv3_key = o.apiv3_key or _M.apiv3_key()
-  -- (through pcall, raised again at this function's caller: see start)
-  local ok, k = pcall(_M.merchant_keys,
-                      { mchid = m.mchid, sm2 = m.sm2, dir = o.dir })
-  if not ok then error(k, 2) end
+  local k = proc.call_at(2, _M.merchant_keys,
+                         { mchid = m.mchid, sm2 = m.sm2, dir = o.dir })
   for kk, v in pairs(k) do m[kk] = v end
   return m
 end
@@ -168,16 +166,14 @@ local APP_OPTIONS = { app = true, source = true, config = true,
 -- The kit's errors name the line that called the kit, the spec's: a
 -- public function raises at its caller (error(msg, 2); 3 from a helper of
 -- it). One kit function calling another would have them name its own
--- line; it calls it through pcall instead, where they name no line (their
--- level is pcall's), and raises them again at its own caller's level, as
--- start does here.
--- server.start's errors name no line (its caller is pcall). Raised again
--- at level (counted from start's caller, as error's), they name the
--- spec's: start_app's caller, or testing.simulator's (it named this file's
--- line: "testing.lua:316: timed out waiting for paygate to serve ...").
+-- line; it calls it through proc.call_at instead, which raises them again
+-- at its own caller's level.
+-- server.start's errors, raised again at level (counted from start's
+-- caller, as error's), name the spec's line: start_app's caller, or
+-- testing.simulator's (it named this file's line: "testing.lua:316: timed
+-- out waiting for paygate to serve ...").
 local function start(o, level)
-  local ok, srv = pcall(server.start, o)
-  if not ok then error(srv, level + 1) end
+  local srv = proc.call_at(level + 1, server.start, o)
   started[#started + 1] = srv
   return srv
 end
@@ -303,10 +299,9 @@ function _M.simulator(o)
   o = o or {}
   local sm2 = o.sign_type == SM2_TYPE
   local merchants = o.merchants
-  -- (testing.merchant through pcall, its error raised again here: start)
+  -- (testing.merchant's errors raised at this function's caller)
   local function merchant()
-    local ok, m = pcall(_M.merchant, { sm2 = sm2 })
-    if not ok then error(m, 3) end
+    local m = proc.call_at(3, _M.merchant, { sm2 = sm2 })
     return m
   end
   if merchants == nil or type(merchants) == "number" then
@@ -527,9 +522,8 @@ end
 function Hold:wait_held(n, timeout)
   n = n or 1
   local f
-  -- (through pcall: its errors, and wait_until's, name no line, and are
-  -- raised again at this method's caller's, the spec's)
-  local ok, err = pcall(proc.wait_until, function()
+  -- (its errors, and wait_until's, raised at this method's caller's)
+  proc.call_at(2, proc.wait_until, function()
     f = hold_state(self)
     if not f then
       error("sim:hold: fault " .. self.id .. " was cleared: it holds"
@@ -544,7 +538,6 @@ function Hold:wait_held(n, timeout)
       tostring(f.seconds))
   end, timeout or 10, "requests to " .. self.fault.endpoint
                       .. " held by fault " .. self.id)
-  if not ok then error(err, 2) end
   return f
 end
 
@@ -871,9 +864,7 @@ end
 -- acknowledged (opts as for wait_notification).
 function Sim:pay_and_wait(no, opts)
   check_options("sim:pay_and_wait", opts, WAIT_OPTIONS)
-  -- (through pcall, raised again at this method's caller: see start)
-  local ok, err = pcall(self.pay, self, no, opts and opts.mchid)
-  if not ok then error(err, 2) end
+  proc.call_at(2, self.pay, self, no, opts and opts.mchid)
   local m = { out_trade_no = no, event_type = "TRANSACTION.SUCCESS" }
   -- (a tail call: wait_notification's error names this method's caller)
   return self:wait_notification(m, opts)
@@ -936,9 +927,7 @@ end
 -- certificate added) would show on the spec's stderr, as if the app's.
 function Sim:client(m, over)
   local wechatpay = require "paygate.wechatpay"
-  -- (through pcall, raised again at this method's caller: see start)
-  local ok, conf = pcall(self.client_config, self, m, over)
-  if not ok then error(conf, 2) end
+  local conf = proc.call_at(2, self.client_config, self, m, over)
   if over == nil or over.log_level == nil then conf.log_level = "warn" end
   local wx, err = wechatpay.client(conf)
   if not wx then error("testing: wechatpay.client: " .. tostring(err), 2) end
@@ -969,10 +958,7 @@ function Sim:order(p)
     self.kit_clients = self.kit_clients or {}
     wx = self.kit_clients[m]
     if not wx then
-      -- (through pcall, raised again at this method's caller: see start)
-      local ok
-      ok, wx = pcall(self.client, self, m)
-      if not ok then error(wx, 2) end
+      wx = proc.call_at(2, self.client, self, m)
       self.kit_clients[m] = wx
     end
   end

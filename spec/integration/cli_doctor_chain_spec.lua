@@ -126,21 +126,24 @@ describe("paygate doctor: the TLS chain to the API host", function()
   end
 end)
 
+-- A doctor config whose notify_url is url, its CA diagpki's root, extra
+-- (Lua text) appended to the table.
+local function notify_config(url, extra)
+  local path = dir .. "/doctor." .. crypto.random_nonce(6) .. ".lua"
+  write(path, ("return { wechatpay = { mchid = '1900000001', "
+    .. "merchant_private_key = %q, merchant_certificate = %q, "
+    .. "apiv3_key = '0123456789abcdefghijABCDEFGHIJkl', base_url = "
+    .. "'http://127.0.0.1:9' }, notify_url = %q, notify_ca_file = %q%s }")
+    :format(pki.merchant_key, pki.merchant, url, pki.root, extra or ""))
+  return path
+end
+
 -- WeChat delivers notifications over HTTPS only and trusts public CAs: a
 -- notify server that sends its leaf without the intermediate, or a
 -- self-signed certificate, gets no notification at all. notify_url names
 -- the chain failure as tls_chain names the API host's (it was curl's
 -- message, told as a timeout: "no answer within 5 s").
 describe("paygate doctor: the TLS chain of the notify URL", function()
-  local function notify_config(url)
-    local path = dir .. "/doctor." .. crypto.random_nonce(6) .. ".lua"
-    write(path, ("return { wechatpay = { mchid = '1900000001', "
-      .. "merchant_private_key = %q, merchant_certificate = %q, "
-      .. "apiv3_key = '0123456789abcdefghijABCDEFGHIJkl', base_url = "
-      .. "'http://127.0.0.1:9' }, notify_url = %q, notify_ca_file = %q }")
-      :format(pki.merchant_key, pki.merchant, url, pki.root))
-    return path
-  end
   local cases = {
     { "a leaf sent without its intermediate", "good", "good_key",
       "missing_intermediate", "the intermediates" },
@@ -227,15 +230,6 @@ end)
 -- list it again.
 describe("paygate doctor's cert_expiry of the notify URL's host",
          function()
-  local function notify_config(url, extra)
-    local path = dir .. "/doctor." .. crypto.random_nonce(6) .. ".lua"
-    write(path, ("return { wechatpay = { mchid = '1900000001', "
-      .. "merchant_private_key = %q, merchant_certificate = %q, "
-      .. "apiv3_key = '0123456789abcdefghijABCDEFGHIJkl', base_url = "
-      .. "'http://127.0.0.1:9' }, notify_url = %q, notify_ca_file = %q%s }")
-      :format(pki.merchant_key, pki.merchant, url, pki.root, extra or ""))
-    return path
-  end
   -- every result line of the --json output, in order
   local function lines(out)
     local l = {}

@@ -10,14 +10,25 @@ describe("gateway migrations over an older store", function()
   local dir = servers.mktemp()
   teardown(function() servers.sh("rm -rf " .. dir) end)
 
-  it("004: abnormal refunds with no check planned are due now", function()
-    local old = dir .. "/old"
-    assert(os.execute("mkdir -p " .. old .. "/sqlite"))
-    for _, f in ipairs{ "001_gateway.sql", "002_console.sql",
-                        "003_history.sql" } do
-      assert(os.execute("cp examples/gateway/migrations/sqlite/" .. f .. " "
-                        .. old .. "/sqlite/"))
+  -- A folder holding engine name's migrations older than first ("010"):
+  -- what an earlier version had applied.
+  local function older(name, first)
+    local old = dir .. "/old" .. first
+    assert(os.execute("rm -rf " .. old .. " && mkdir -p " .. old .. "/"
+                      .. name))
+    local ls = assert(io.popen("ls examples/gateway/migrations/" .. name))
+    for f in ls:lines() do
+      if f < first then
+        assert(os.execute("cp examples/gateway/migrations/" .. name .. "/"
+                          .. f .. " " .. old .. "/" .. name .. "/"))
+      end
     end
+    ls:close()
+    return old
+  end
+
+  it("004: abnormal refunds with no check planned are due now", function()
+    local old = older("sqlite", "004")
     local db = assert(sql.open("sqlite:" .. dir .. "/gw.db"))
     assert(migrate.run(db, old))
     assert(db:exec("INSERT INTO gw_payments (id, app_id, order_id, mchid,"
@@ -63,13 +74,7 @@ describe("gateway migrations over an older store", function()
     local name = engine[1]
     it("005 on " .. name .. ": closed and superseded attempts of payments"
        .. " not long expired are due now", function()
-      local old = dir .. "/old005"
-      assert(os.execute("mkdir -p " .. old .. "/" .. name))
-      for _, f in ipairs{ "001_gateway.sql", "002_console.sql",
-                          "003_history.sql", "004_abnormal_checks.sql" } do
-        assert(os.execute("cp examples/gateway/migrations/" .. name .. "/"
-                          .. f .. " " .. old .. "/" .. name .. "/"))
-      end
+      local old = older(name, "005")
       local db = assert(sql.open(engine[2]()))
       assert(migrate.run(db, old))
       local now = os.time()
@@ -128,11 +133,7 @@ describe("gateway migrations over an older store", function()
     local name = engine[1]
     it("016 on " .. name .. ": the payments' transaction index is gone, a"
        .. " search by transaction_id still finds the payment", function()
-      local old = dir .. "/old016"
-      assert(os.execute("mkdir -p " .. old .. "/" .. name))
-      assert(os.execute("cp examples/gateway/migrations/" .. name
-                        .. "/0[01]*.sql " .. old .. "/" .. name .. "/"))
-      assert(os.execute("rm -f " .. old .. "/" .. name .. "/016_*.sql"))
+      local old = older(name, "016")
       -- (a store of its own: the others' has every migration applied)
       local db = assert(sql.open(name == "sqlite" and "sqlite:" .. dir
                                  .. "/gw016.db" or engine[2]()))
@@ -348,17 +349,7 @@ describe("gateway migrations over an older store", function()
     local name = engine[1]
     it("010 on " .. name .. ": payments and attempts take sub_appid, the"
        .. " older ones NULL", function()
-      local old = dir .. "/old010"
-      assert(os.execute("rm -rf " .. old .. " && mkdir -p " .. old .. "/"
-                        .. name))
-      local ls = assert(io.popen("ls examples/gateway/migrations/" .. name))
-      for f in ls:lines() do
-        if f < "010" then
-          assert(os.execute("cp examples/gateway/migrations/" .. name .. "/"
-                            .. f .. " " .. old .. "/" .. name .. "/"))
-        end
-      end
-      ls:close()
+      local old = older(name, "010")
       local url = name == "sqlite" and "sqlite:" .. dir .. "/gw010.db"
                   or engine[2]()
       local db = assert(sql.open(url))
@@ -401,17 +392,7 @@ describe("gateway migrations over an older store", function()
     local name = engine[1]
     it("012 on " .. name .. ": payments take refunded_elsewhere_at, the"
        .. " older ones NULL", function()
-      local old = dir .. "/old012"
-      assert(os.execute("rm -rf " .. old .. " && mkdir -p " .. old .. "/"
-                        .. name))
-      local ls = assert(io.popen("ls examples/gateway/migrations/" .. name))
-      for f in ls:lines() do
-        if f < "012" then
-          assert(os.execute("cp examples/gateway/migrations/" .. name .. "/"
-                            .. f .. " " .. old .. "/" .. name .. "/"))
-        end
-      end
-      ls:close()
+      local old = older(name, "012")
       local url = name == "sqlite" and "sqlite:" .. dir .. "/gw012.db"
                   or engine[2]()
       local db = assert(sql.open(url))
@@ -448,17 +429,7 @@ describe("gateway migrations over an older store", function()
     local name = engine[1]
     it("013 on " .. name .. ": refunds take a reference, unique per payment"
        .. " among those that did not fail or close", function()
-      local old = dir .. "/old013"
-      assert(os.execute("rm -rf " .. old .. " && mkdir -p " .. old .. "/"
-                        .. name))
-      local ls = assert(io.popen("ls examples/gateway/migrations/" .. name))
-      for f in ls:lines() do
-        if f < "013" then
-          assert(os.execute("cp examples/gateway/migrations/" .. name .. "/"
-                            .. f .. " " .. old .. "/" .. name .. "/"))
-        end
-      end
-      ls:close()
+      local old = older(name, "013")
       local url = name == "sqlite" and "sqlite:" .. dir .. "/gw013.db"
                   or engine[2]()
       local db = assert(sql.open(url))

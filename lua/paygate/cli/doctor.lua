@@ -919,11 +919,20 @@ local function check_https(out, tls, raw, app, expiring)
           .. "publish --tls --prefix " .. shown .. " --dir DIR" }, expiring)
 end
 
+-- Whether host is a host name: letters, digits, dots and hyphens (what
+-- goes into fetch_chain's shell command: no metacharacter, no quote).
+local function host_name(host)
+  return type(host) == "string" and #host <= 253
+         and host:match("^[%w][%w%.%-]*$") ~= nil
+end
+
 -- The TLS chain the server sends, as PEM, through openssl s_client (the
--- HTTP client does not expose the peer's chain). io.popen blocks the loop:
--- acceptable here, a one-shot command with nothing else running. host was
--- checked to be a host name (no shell metacharacters).
+-- HTTP client does not expose the peer's chain), or nil (none, or host is
+-- no host name: an IPv6 literal, or anything a shell could read). io.popen
+-- blocks the loop: acceptable here, a one-shot command with nothing else
+-- running.
 local function fetch_chain(host, port)
+  if not host_name(host) or type(port) ~= "number" then return nil end
   local connect = host == "localhost" and "127.0.0.1" or host
   local cmd = ("timeout 10 openssl s_client -connect '%s:%d' -servername "
     .. "'%s' -showcerts </dev/null 2>/dev/null"):format(connect, port, host)
@@ -949,7 +958,7 @@ local function check_api(out, wc, conf, now, expiring)
              "https://api.mch.weixin.qq.com")
     return
   end
-  if not host:match("^[%w][%w%.%-]*$") or #host > 253 then
+  if not host_name(host) then
     out:fail("api_host", "base_url's host is not a host name", nil,
              "https://api.mch.weixin.qq.com")
     return
@@ -1416,7 +1425,6 @@ local function notify_shown(url)
 end
 
 local function notify_tls(out, url, host, port, conf, now)
-  if not host:match("^[%w][%w%.%-]*$") or #host > 253 then return end
   local pem = fetch_chain(host, port)
   if not pem then return end
   local chain = x509.chain(pem)
@@ -1464,7 +1472,6 @@ end
 -- certificate already listed (the HTTPS listener's own, served at
 -- public_url) is named as this host's too, not listed again.
 local function notify_certs(expiring, host, port, conf)
-  if not host:match("^[%w][%w%.%-]*$") or #host > 253 then return end
   local pem = fetch_chain(host, port)
   if not pem then return end
   local where = port == 443 and host or host .. ":" .. port
@@ -1482,12 +1489,10 @@ local function notify_certs(expiring, host, port, conf)
     .. "and delivers no notification: renew the certificate on the notify "
     .. "host (an extra expired certificate the server sends: remove it "
     .. "from the chain)"
-  local before = #expiring          -- those listed by the other checks
+  local listed = {}                 -- by the other checks, by fingerprint
+  for _, e in ipairs(expiring) do listed[e[2]:fingerprint()] = e end
   for i, c in ipairs(x509.chain(pem)) do
-    local fp, seen = c:fingerprint(), nil
-    for k = 1, before do
-      if expiring[k][2]:fingerprint() == fp then seen = expiring[k]; break end
-    end
+    local seen = listed[c:fingerprint()]
     if seen then
       seen[1] = seen[1] .. ", which the notify host " .. where
                 .. " sends,"

@@ -461,6 +461,19 @@ function Proc:stop(timeout)
   return code
 end
 
+--- syntax: a, b, c = proc.call_at(level, f, ...)
+-- f(...)'s first three results; an error f raises is raised again at
+-- level, counted from call_at's caller as error's level is (2: that
+-- caller's caller). So a kit function calling another kit function (or
+-- wait_until) has its errors name the spec's line, not its own: through
+-- pcall they name no line. Never tail-called (return proc.call_at(...)
+-- would drop the caller's frame, and level would count from the next).
+function _M.call_at(level, f, ...)
+  local ok, a, b, c = pcall(f, ...)
+  if not ok then error(a, level + 1) end
+  return a, b, c
+end
+
 --- syntax: v = proc.wait_until(fn[, timeout[, what]])
 -- yields: calls fn() every 20 ms until it returns a truthy value.
 -- returns: that value; raises "timed out waiting for WHAT" at the deadline

@@ -366,9 +366,8 @@ function Server:reload(timeout)
     return nil, out ~= "" and out
                 or "paygate reload: exit " .. tostring(code)
   end
-  -- (through pcall: wait_until's error names no line, and is raised again
-  -- at this method's caller's, the spec's)
-  local ok, err = pcall(proc.wait_until, function()
+  -- (wait_until's error raised at this method's caller's, the spec's)
+  proc.call_at(2, proc.wait_until, function()
     local now = {}
     for _, pid in ipairs(self:workers()) do now[pid] = true end
     local left = {}
@@ -379,7 +378,6 @@ function Server:reload(timeout)
                        .. table.concat(left, ", ")
   end, math.max(deadline - core.mono(), 1),
   "the old workers to exit after the reload")
-  if not ok then error(err, 2) end
   return true, out
 end
 
